@@ -1,0 +1,146 @@
+"""What a pruning method needs to know about an architecture, in one place per model family.
+
+A method sees a model as decoder layers holding prunable linears, and (for structured pruning) as
+*structure groups*: sets of rows and columns of several linears that only make the model smaller when
+removed together (an MLP channel is a row of the up projections and a column of the down projection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Axis = Literal["row", "col"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One linear's share of a structure: ``block`` consecutive rows (outputs) or columns (inputs)."""
+
+    linear: str
+    axis: Axis
+    block: int
+
+
+@dataclass(frozen=True)
+class StructureGroup:
+    """The structures of one kind in one layer (its MLP channels, or its attention head groups).
+
+    Structure ``k`` is block ``k`` of every part. All structures of a group have the same parameter
+    count, so a global budget can weigh groups against each other.
+    """
+
+    name: str
+    kind: Literal["attn", "mlp"]
+    layer: int
+    parts: tuple[Part, ...]
+    count: int
+    params_per_structure: int
+
+
+def slice_linear(linear: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new ``nn.Linear`` holding only the given output rows and/or input columns (bias follows rows)."""
+    w = linear.weight.data
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(w)
+    if linear.bias is not None:
+        b = linear.bias.data
+        out.bias.data.copy_(b.index_select(0, rows.to(b.device)) if rows is not None else b)
+    out.weight.requires_grad_(linear.weight.requires_grad)
+    if out.bias is not None and linear.bias is not None:
+        out.bias.requires_grad_(linear.bias.requires_grad)
+    return out
+
+
+class ModelAdapter:
+    """Base class: subclasses name the layers, their linears, and how structures map onto them."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- layout -----------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def layer_prefix(self) -> str:
+        """Module path of the decoder layers, e.g. ``model.layers``."""
+        raise NotImplementedError
+
+    def layer_linear_names(self) -> tuple[str, ...]:
+        """Prunable linears of one decoder layer, relative to the layer."""
+        raise NotImplementedError
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears of one layer that read the very same input (they share one activation factor)."""
+        raise NotImplementedError
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def layer_linears(self, i: int) -> dict[str, nn.Linear]:
+        """Full names to modules for the prunable linears of layer ``i``."""
+        layer = self.layers[i]
+        return {f"{self.layer_prefix}.{i}.{n}": layer.get_submodule(n) for n in self.layer_linear_names()}
+
+    def linears(self) -> dict[str, nn.Linear]:
+        out: dict[str, nn.Linear] = {}
+        for i in range(len(self.layers)):
+            out.update(self.layer_linears(i))
+        return out
+
+    def prunable_params(self) -> int:
+        """Weights of all prunable linears (embeddings, norms and lm_head excluded; biases excluded)."""
+        return sum(m.weight.numel() for m in self.linears().values())
+
+    def _set_linear(self, name: str, new: nn.Linear) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, new)
+
+    # -- structures -------------------------------------------------------------------------------
+    def structure_groups(self) -> list[StructureGroup]:
+        raise NotImplementedError
+
+    def keep_structures(self, group: StructureGroup, keep: torch.Tensor) -> None:
+        """Physically shrink the group's linears to the structures ``keep`` (sorted indices)."""
+        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        if keep.numel() == 0:
+            raise ValueError(f"{group.name}: at least one structure must remain")
+        for part in group.parts:
+            lin = self.module(part.linear)
+            idx = (keep[:, None] * part.block + torch.arange(part.block)[None, :]).reshape(-1)
+            new = slice_linear(lin, rows=idx) if part.axis == "row" else slice_linear(lin, cols=idx)
+            self._set_linear(part.linear, new)
+        self._after_resize(group.layer)
+
+    def _after_resize(self, layer: int) -> None:
+        """Update module attributes that cache sizes (e.g. a head count used in ``view``)."""
+
+    # -- shapes for saving and reloading -----------------------------------------------------------
+    def layer_shapes(self) -> list[dict[str, int]]:
+        """Per layer, the number of structures of each kind (saved in the config of a pruned model)."""
+        shapes: list[dict[str, int]] = [{} for _ in self.layers]
+        for g in self.structure_groups():
+            shapes[g.layer][g.kind] = g.count
+        return shapes
+
+    def apply_layer_shapes(self, shapes: list[dict[str, int]]) -> None:
+        """Resize a freshly built dense model to saved per-layer shapes (weights are loaded after)."""
+        if len(shapes) != len(self.layers):
+            raise ValueError(f"saved shapes describe {len(shapes)} layers, the model has {len(self.layers)}")
+        for g in self.structure_groups():
+            n = shapes[g.layer].get(g.kind, g.count)
+            if n != g.count:
+                self.keep_structures(g, torch.arange(n))

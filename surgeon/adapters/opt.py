@@ -1,0 +1,56 @@
+"""OPT decoders (multi-head attention with biases, a two-layer ReLU MLP)."""
+
+from __future__ import annotations
+
+from .base import ModelAdapter, Part, StructureGroup
+
+
+class OPTAdapter(ModelAdapter):
+    family = "opt"
+    model_types = ("opt",)
+
+    @property
+    def layers(self):
+        return self.model.model.decoder.layers
+
+    @property
+    def layer_prefix(self) -> str:
+        return "model.decoder.layers"
+
+    @property
+    def head_dim(self) -> int:
+        return self.layers[0].self_attn.head_dim
+
+    def layer_linear_names(self) -> tuple[str, ...]:
+        return ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+
+    def input_groups(self) -> tuple[tuple[str, ...], ...]:
+        return (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",))
+
+    def structure_groups(self) -> list[StructureGroup]:
+        hd, hidden = self.head_dim, self.config.hidden_size
+        groups = []
+        for i, layer in enumerate(self.layers):
+            p = f"{self.layer_prefix}.{i}"
+            groups.append(StructureGroup(
+                name=f"{p}.self_attn", kind="attn", layer=i,
+                parts=(
+                    Part(f"{p}.self_attn.q_proj", "row", hd),
+                    Part(f"{p}.self_attn.k_proj", "row", hd),
+                    Part(f"{p}.self_attn.v_proj", "row", hd),
+                    Part(f"{p}.self_attn.out_proj", "col", hd),
+                ),
+                count=layer.self_attn.q_proj.out_features // hd,
+                params_per_structure=4 * hidden * hd,
+            ))
+            groups.append(StructureGroup(
+                name=f"{p}.mlp", kind="mlp", layer=i,
+                parts=(Part(f"{p}.fc1", "row", 1), Part(f"{p}.fc2", "col", 1)),
+                count=layer.fc1.out_features,
+                params_per_structure=2 * hidden,
+            ))
+        return groups
+
+    def _after_resize(self, layer: int) -> None:
+        attn = self.layers[layer].self_attn
+        attn.num_heads = attn.q_proj.out_features // attn.head_dim

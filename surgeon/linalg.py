@@ -1,0 +1,73 @@
+"""Numerically careful linear algebra shared by every curvature-based method.
+
+Pruning needs inverses of curvature matrices (K-FAC factors, activation Gram matrices) that are often
+ill-conditioned: dead inputs give zero rows, and few calibration tokens give rank deficiency. Everything
+here works in the matrix's own dtype (fp32 in practice), escalates damping instead of failing, and logs
+when it had to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_damping", "damped_inverse", "live_mask"]
+
+
+def live_mask(M: torch.Tensor) -> torch.Tensor:
+    """Rows/columns of a PSD matrix that carry signal (a strictly positive diagonal)."""
+    return torch.diagonal(M) > 0
+
+
+def add_damping(M: torch.Tensor, rel: float) -> torch.Tensor:
+    """``M + rel * mean(diag M) * I`` (a new tensor); relative damping keeps ``rel`` scale-free."""
+    if rel < 0:
+        raise ValueError(f"damping must be >= 0, got {rel}")
+    d = torch.diagonal(M)
+    mean = d.mean() if d.numel() else M.new_tensor(0.0)
+    if not torch.isfinite(mean):
+        raise ValueError("curvature matrix contains NaN or Inf")
+    eps = rel * mean if mean > 0 else M.new_tensor(rel)
+    out = M.clone()
+    out.diagonal().add_(eps)
+    return out
+
+
+def damped_inverse(
+    M: torch.Tensor,
+    rel_damp: float,
+    *,
+    name: str = "matrix",
+    max_tries: int = 8,
+) -> torch.Tensor:
+    """Inverse of ``M`` damped by ``rel_damp`` relative to its mean diagonal, via Cholesky.
+
+    Dead rows/columns (zero diagonal) are left out of the factorisation and get a zero row and
+    column in the result, so they never leak into updates of live weights. When the damped matrix
+    is still not positive definite in floating point, the damping is multiplied by 10 (with a
+    logged warning) up to ``max_tries`` times before giving up with a clear error.
+    """
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"{name}: expected a square matrix, got shape {tuple(M.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name}: curvature contains NaN or Inf")
+    live = live_mask(M)
+    out = torch.zeros_like(M)
+    if not bool(live.any()):
+        return out
+    sub = M[live][:, live]
+    damp = rel_damp
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(add_damping(sub, damp))
+        if int(info) == 0:
+            if attempt:
+                logger.warning("%s: not positive definite, damping raised to %.3g", name, damp)
+            inv = torch.cholesky_inverse(L)
+            idx = live.nonzero().squeeze(1)
+            out[idx.unsqueeze(1), idx.unsqueeze(0)] = inv
+            return out
+        damp = damp * 10 if damp > 0 else 1e-6
+    raise ValueError(f"{name}: not positive definite even with relative damping {damp:g}")

@@ -1,0 +1,1 @@
+"""Closed-form removal costs and weight updates under Kronecker-factored curvature (optimal brain surgeon)."""
