@@ -184,8 +184,8 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             costs.append(uobs.nm_candidates(c, W != 0, n, m) if nm and not final else c)
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
-        if nm and final:
-            removes = [~uobs.nm_select(c, n, m) for c in costs]  # complete every group to exactly M - N
+        if nm and final:  # complete every group to exactly M - N removed
+            removes = [~uobs.nm_select(c, n, m, keep_mask=linears[name].weight != 0) for name, c in zip(names, costs)]
         else:
             k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
             picked = select_count(costs, k)
@@ -204,7 +204,8 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
                 continue
             Ginv, Ainv = inv[name]
             corr = cfg.correlation if cfg.update else "none"
-            W_new, cost = uobs.prune_weights(W, rm, Ginv, Ainv, correlation=corr, max_correlate=cfg.max_correlate)
+            W_new, cost = uobs.prune_weights(W, rm, Ginv, Ainv, correlation=corr, max_correlate=cfg.max_correlate,
+                                             keep_mask=W != 0)
             est += float(cost)
             lin.weight.data.copy_(W_new.to(lin.weight.dtype))
     return {"estimated_loss": est}
