@@ -92,16 +92,24 @@ class LOBDConfig(SurgeonConfig):
 # ---------------------------------------------------------------------------------------------------
 def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
+    from .. import distributed
+    from ..memory import activation_checkpointing
+
     modules = {n: ctx.adapter.module(n) for n in names}
-    bar = ctx.tqdm(total=ctx.n_batches, desc=f"shot {shot + 1}/{cfg.shots}: curvature", leave=False)
+    if distributed.debug():
+        distributed.assert_same(f"weights before shot {shot + 1}", [m.weight for m in modules.values()])
+    batches, n_batches = distributed.local_batches(ctx)  # this rank's windows (all in one process)
+    bar = ctx.tqdm(total=n_batches, desc=f"shot {shot + 1}/{cfg.shots}: curvature", leave=False)
     try:
-        factors = estimate_kfac(
-            ctx.model, modules, ctx.batches(), fisher=cfg.fisher, seed=cfg.seed + shot,
-            autocast_dtype=ctx.autocast_dtype, device=ctx.device, offload=cfg.offload_factors,
-            gradients=cfg.curvature == "kfac", progress=lambda i, n: bar.update(1),
-        )
+        with activation_checkpointing(ctx.model, ctx.adapter.layers):
+            factors = estimate_kfac(
+                ctx.model, modules, batches, fisher=cfg.fisher, seed=distributed.rank_seed(cfg.seed + shot),
+                autocast_dtype=ctx.autocast_dtype, device=ctx.device, offload=cfg.offload_factors,
+                tf32=ctx.device.type == "cuda", progress=lambda i, n: bar.update(1),
+            )
     finally:
         bar.close()
+    factors = distributed.reduce_factors(factors)
     if cfg.curvature == "activations":
         for name, f in factors.items():
             f.G = torch.eye(modules[name].out_features, device=f.A.device)
@@ -218,7 +226,8 @@ def run(ctx: Context) -> None:
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
     structured = cfg.structure_kind == "structured"
     targets = _backend.schedule(cfg.sparsity, cfg.shots, cfg.schedule)
-    params0 = ctx.adapter.prunable_params()
+    # A resumed structured model is already smaller: targets stay relative to the size before shot 1.
+    params0 = int((ctx.resume_state or {}).get("params0") or ctx.adapter.prunable_params())
     start = 0
     if ctx.resume_state:
         start = int(ctx.resume_state.get("next_shot", 0))
@@ -245,4 +254,4 @@ def run(ctx: Context) -> None:
         if ctx.on_shot is not None:
             ctx.on_shot(rec)
         if ctx.checkpoint is not None:
-            ctx.checkpoint("shot", {"next_shot": shot + 1, "shots": ctx.report.shots})
+            ctx.checkpoint("shot", {"next_shot": shot + 1, "shots": ctx.report.shots, "params0": params0})
