@@ -13,9 +13,10 @@ from .adapters import adapter_for
 from .config import MethodConfig
 from .data import as_token_windows
 from .methods.base import Context, get_method, host_peak_gb
+from .memory import check as check_memory
 from .report import Report, versions
 
-__all__ = ["prune", "default_device", "validate"]
+__all__ = ["check_activations", "check_reachable", "default_device", "prune", "validate"]
 
 
 def default_device() -> torch.device:
@@ -30,12 +31,22 @@ def _module_records(adapter: Any) -> dict[str, dict[str, Any]]:
     return recs
 
 
-def validate(model: nn.Module, config: MethodConfig, calibration: Any) -> tuple[Any, torch.Tensor]:
-    """Check everything that can be checked before a weight is touched; returns (adapter, windows)."""
+def validate(model: nn.Module, config: MethodConfig, calibration: Any, *,
+             resume_state: dict[str, Any] | None = None) -> tuple[Any, torch.Tensor]:
+    """Check everything that can be checked before a weight is touched; returns (adapter, windows).
+
+    Raises ``ValueError`` (``TypeError`` for wrong kinds of arguments) naming what is wrong: an unknown
+    method or unsupported architecture (with the supported ones), a model with no prunable linears or with
+    NaN/Inf parameters, empty, too short or out-of-vocabulary calibration data, an N:M pattern that does
+    not divide a layer, or a structured target that cannot be reached while every group keeps one structure.
+    """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a method config (e.g. surgeon.SurgeonConfig), got {type(config).__name__}")
     get_method(config.method)
     adapter = adapter_for(model)
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"parameter {name} contains NaN or Inf; the model is broken before pruning")
     windows = as_token_windows(calibration)
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and (int(windows.max()) >= vocab or int(windows.min()) < 0):
@@ -45,7 +56,59 @@ def validate(model: nn.Module, config: MethodConfig, calibration: Any) -> tuple[
         for name, lin in adapter.linears().items():
             if lin.in_features % m:
                 raise ValueError(f"{config.structure}: M={m} does not divide the {lin.in_features} inputs of {name}")
+    if config.structure_kind == "structured":
+        check_reachable(adapter, config.sparsity, params0=(resume_state or {}).get("params0"))
     return adapter, windows
+
+
+def check_reachable(adapter: Any, sparsity: float, *, params0: int | None = None) -> None:
+    """Refuse a structured target that would need some group (a layer's heads or MLP channels) to lose all
+    of its structures. ``params0`` is the prunable size before pruning began (for a resumed run)."""
+    current = adapter.prunable_params()
+    params0 = int(params0) if params0 else current
+    groups = adapter.structure_groups()
+    removable = sum((g.count - 1) * g.params_per_structure for g in groups)
+    need = sparsity * params0 - (params0 - current)
+    if need > removable:
+        most = (params0 - current + removable) / params0
+        raise ValueError(
+            f"structured sparsity {sparsity:g} cannot be reached: keeping at least one attention head group and "
+            f"one MLP channel in each of the {len(adapter.layers)} layers allows at most {most:.4f} "
+            f"(remaining size {1 - most:.4f})")
+
+
+@torch.no_grad()
+def check_activations(model: nn.Module, adapter: Any, ids: torch.Tensor) -> None:
+    """One forward pass over ``ids`` that names the first prunable linear (in execution order) whose input
+    or output is NaN/Inf, so that a broken model or an overflowing dtype is refused before pruning starts
+    rather than discovered as NaN costs or masks halfway through."""
+    bad: list[str] = []
+
+    def hook(name: str):
+        def check(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if bad:
+                return
+            if not bool(torch.isfinite(args[0]).all()):
+                bad.append(f"the input of {name}")
+            elif not bool(torch.isfinite(out).all()):
+                bad.append(f"the output of {name}")
+        return check
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in adapter.linears().items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_input_embeddings().weight.device
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not bad and not bool(torch.isfinite(logits).all()):
+        bad.append("the logits")
+    if bad:
+        raise ValueError(f"NaN or Inf activations in {bad[0]} on the first calibration window; "
+                         "the model overflows in this dtype or is broken (nothing was pruned)")
 
 
 def prune(
@@ -69,8 +132,10 @@ def prune(
     calibration passes in bf16 on GPUs while weights, statistics and updates stay in fp32.
     Structured pruning leaves a physically smaller model; the others leave exact zeros.
     """
-    adapter, windows = validate(model, config, calibration)
+    adapter, windows = validate(model, config, calibration, resume_state=resume_state)
     _, fn = get_method(config.method)
+    if resume_state and resume_state.get("_config") not in (None, config.to_dict()):
+        raise ValueError("resume_state was written by a run with another config; resume with the same config")
     device = torch.device(device) if device is not None else default_device()
     if isinstance(autocast, str):
         if autocast == "auto":
@@ -92,20 +157,45 @@ def prune(
         versions=versions(),
     )
     report.params_before = sum(r["params_before"] for r in report.modules.values())
+    if resume_state and resume_state.get("_report"):
+        _continue_report(report, resume_state["_report"])
     ctx = Context(model=model, adapter=adapter, config=config, calibration=windows, device=device, report=report,
                   batch_size=batch_size, autocast_dtype=autocast, progress=progress, on_shot=on_shot,
                   checkpoint=checkpoint, resume_state=resume_state)
+    check_memory(ctx)  # logs the memory plan; refuses a run that cannot fit the device
+    with ctx.autocast():
+        check_activations(model, adapter, windows[:1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if checkpoint is not None and hasattr(checkpoint, "bind"):
+        checkpoint.bind(ctx)
     torch.manual_seed(config.seed)
+    if resume_state and resume_state.get("_rng") is not None:
+        from .checkpoint import set_rng_state
+
+        set_rng_state(resume_state["_rng"])
     t0 = time.perf_counter()
     fn(ctx)
-    report.wall_s = time.perf_counter() - t0
+    for name, lin in adapter.linears().items():
+        if not bool(torch.isfinite(lin.weight).all()):
+            raise ValueError(f"pruning left NaN or Inf in {name}.weight; the pruned model is unusable")
+    report.wall_s = time.perf_counter() - t0 + float((resume_state or {}).get("_elapsed_s", 0.0))
     if device.type == "cuda":
         report.peak_gpu_gb = max([p["peak_gpu_gb"] for p in report.phases.values()] + [torch.cuda.max_memory_allocated(device) / 2**30])
     report.peak_host_gb = host_peak_gb()
     finalize_report(report, adapter, structured=config.structure_kind == "structured")
     return report
+
+
+def _continue_report(report: Report, prev: dict[str, Any]) -> None:
+    """Carry over what a resumed run's report knew before the interruption: sizes before pruning began
+    (the resumed model may already be smaller), phase timings and extra records."""
+    report.params_before = int(prev.get("params_before", report.params_before))
+    report.model = prev.get("model") or report.model  # not the checkpoint folder the model was reloaded from
+    for name, rec in prev.get("modules", {}).items():
+        report.modules.setdefault(name, {}).update({k: v for k, v in rec.items() if k not in ("params_after", "shape")})
+    report.phases = {k: dict(v) for k, v in prev.get("phases", {}).items()}
+    report.extra = {**prev.get("extra", {}), **report.extra, "resumed": prev.get("extra", {}).get("resumed", 0) + 1}
 
 
 def finalize_report(report: Report, adapter: Any, *, structured: bool) -> None:

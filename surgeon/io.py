@@ -1,16 +1,24 @@
 """Saving pruned models so that they load again, and loading them.
 
 Unstructured and N:M models are ordinary dense checkpoints with exact zeros: plain
-``AutoModelForCausalLM.from_pretrained`` loads them. Structured pruning leaves layers of different sizes,
-which a stock config cannot describe, so the per-layer sizes are stored in the config as
-``surgeon_layer_shapes`` and :func:`load_pruned` rebuilds each layer at its size before loading the
-weights. ``load_pruned`` also loads unpruned and dense-with-zeros checkpoints, so it is always safe to use.
+``AutoModelForCausalLM.from_pretrained`` loads them, and so does every tool built on ``transformers``.
+Structured pruning leaves layers of different sizes, which a stock config cannot describe, so the
+per-layer structure counts are stored in the config as ``surgeon_layer_shapes`` and :func:`load_pruned`
+rebuilds each layer at its size before loading the weights (``from_pretrained`` would refuse the
+mismatched shapes). ``load_pruned`` also loads unpruned and dense-with-zeros checkpoints, so it is always
+safe to use.
+
+Writes go to a hidden staging folder first and are moved into place file by file, and weight files left
+by an earlier save into the same folder are removed, so a folder never mixes shards of two models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +27,12 @@ from torch import nn
 
 from .adapters import adapter_for
 
-__all__ = ["load_pruned", "save_pruned", "SHAPES_KEY"]
+__all__ = ["SHAPES_KEY", "is_structured", "load_pruned", "read_shapes", "save_pruned"]
 
 SHAPES_KEY = "surgeon_layer_shapes"
+
+# Files that hold a model's weights; a save removes those of an older model in the same folder.
+_WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
 
 
 def _dense_shapes(config: Any) -> list[dict[str, int]]:
@@ -33,9 +44,45 @@ def _dense_shapes(config: Any) -> list[dict[str, int]]:
         return adapter_for(transformers.AutoModelForCausalLM.from_config(cfg)).layer_shapes()
 
 
+@contextlib.contextmanager
+def _without_gguf_marker(model: nn.Module):
+    """Hide a GGUF ``quantization_config`` while saving: the weights are plain dequantised tensors, and the
+    marker would make ``from_pretrained`` look for a GGUF file that the folder does not have."""
+    cfg = model.config
+    qc = getattr(cfg, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if qc is None or str(getattr(method, "value", method)).lower() != "gguf":
+        yield
+        return
+    del cfg.quantization_config
+    try:
+        yield
+    finally:
+        cfg.quantization_config = qc
+
+
+def _move_into(staging: Path, path: Path) -> None:
+    """Replace ``path``'s weight files by those in ``staging``, then move every staged file into ``path``."""
+    for pattern in _WEIGHT_PATTERNS:
+        for old in path.glob(pattern):
+            if not (staging / old.name).exists():
+                old.unlink()
+    for f in sorted(staging.iterdir()):
+        dest = path / f.name
+        if f.is_dir():
+            if dest.exists():
+                shutil.rmtree(dest)
+        os.replace(f, dest)
+
+
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, report: Any = None,
-                safe_serialization: bool = True) -> Path:
-    """Write ``model`` (and optionally its tokenizer and run report) to ``path``; returns the folder."""
+                safe_serialization: bool = True, **save_kwargs: Any) -> Path:
+    """Write ``model`` (and optionally its tokenizer and run report) to ``path``; returns the folder.
+
+    Structured models get ``surgeon_layer_shapes`` in their config (reload them with :func:`load_pruned`);
+    all others are stock checkpoints. Extra keyword arguments go to ``save_pretrained`` (e.g.
+    ``max_shard_size``).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     adapter = adapter_for(model)
@@ -44,30 +91,53 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
         setattr(model.config, SHAPES_KEY, shapes)
     elif hasattr(model.config, SHAPES_KEY):
         delattr(model.config, SHAPES_KEY)
-    model.save_pretrained(path, safe_serialization=safe_serialization)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    if report is not None:
-        report.save(path / "report.json")
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
+    try:
+        with _without_gguf_marker(model):
+            model.save_pretrained(staging, safe_serialization=safe_serialization, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            report.save(staging / "report.json")
+        _move_into(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
-def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a model written by :func:`save_pruned` (structured or not) as a ``transformers`` model."""
+def _no_init() -> contextlib.AbstractContextManager:
+    """Skip random initialisation of a model whose every weight is loaded right after."""
+    for mod in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                **kwargs: Any) -> nn.Module:
+    """Load a model written by :func:`save_pruned` (structured or not) as a ``transformers`` model, in eval mode.
+
+    ``dtype`` defaults to the saved one; other keyword arguments (e.g. ``attn_implementation="eager"``)
+    go to ``from_pretrained`` / ``from_config``.
+    """
     import transformers
     from safetensors.torch import load_file
 
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path)
     shapes = getattr(config, SHAPES_KEY, None)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if not shapes:
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    adapter_for(model).apply_layer_shapes(shapes)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path}")
+    with _no_init():
+        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+    adapter_for(model).apply_layer_shapes(shapes)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -87,3 +157,8 @@ def read_shapes(path: str | os.PathLike) -> list[dict[str, int]] | None:
     """Per-layer structure counts of a saved pruned model, or None for an unpruned layout."""
     cfg = json.loads((Path(path) / "config.json").read_text())
     return cfg.get(SHAPES_KEY)
+
+
+def is_structured(path: str | os.PathLike) -> bool:
+    """Whether the model saved at ``path`` has resized layers (and so needs :func:`load_pruned`)."""
+    return bool(read_shapes(path))
