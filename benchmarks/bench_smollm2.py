@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.suite in ("unstructured", "all"):
         for structure in ("unstructured", "2:4"):
             b.run("llm-surgeon", structure, 0.5, shots=args.shots)
-            if structure == "unstructured":
-                b.run("llm-surgeon", structure, 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
-            b.run("k-obd", structure, 0.5, shots=args.shots)
             for method in ("sparsegpt", "wanda", "admm", "magnitude"):
                 b.run(method, structure, 0.5)
+        for structure in ("unstructured", "2:4"):
+            b.run("k-obd", structure, 0.5, shots=args.shots)
+        b.run("llm-surgeon", "unstructured", 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
     print(f"wrote {args.out}")
 
 
