@@ -172,6 +172,22 @@ def _dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def _device(name: str | None) -> Any:
+    import torch
+
+    from .api import default_device
+
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def _is_gguf(spec: str) -> bool:
     return spec.lower() == "smollm2" or spec.lower().endswith(".gguf")
 
@@ -307,10 +323,8 @@ def _setup_logging(quiet: bool) -> Any:
 
 
 def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
     from . import __version__
-    from .api import default_device, prune, validate
+    from .api import prune, validate
     from .checkpoint import RunFolder
     from .methods import METHODS
     from .report import versions
@@ -323,7 +337,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError("--resume needs --output (the folder of the run to continue)")
         if ns.eval_shots and not ns.eval:
             ns.eval = True
-        device = torch.device(ns.device) if ns.device else default_device()
+        device = _device(ns.device)
         run = {
             "config": config.to_dict(),
             "model": model_identity(ns.model),
@@ -441,16 +455,12 @@ def _write_outputs(folder: Any, model: Any, tokenizer: Any, report: Any) -> None
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    import torch
-
-    from .api import default_device
-
     try:
+        device = _device(ns.device)
         model, tokenizer = load_model(ns.model, ns.dtype)
         ids, desc = load_eval_ids(ns.data, tokenizer)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         raise _Refused(str(e)) from e
-    device = torch.device(ns.device) if ns.device else default_device()
     model.to(device)
     try:
         res = _perplexity(model, ids, desc, seqlen=ns.seqlen, batch_size=ns.batch_size, device=device, quiet=ns.quiet,

@@ -18,8 +18,12 @@ from .methods.base import Context
 __all__ = ["lowrank_update"]
 
 
-def lowrank_update(ctx: Context, *, rank: int, steps: int, lr: float) -> float:
-    """Fine-tune rank-``rank`` adapters for ``steps`` steps, absorb them; returns the last loss."""
+def lowrank_update(ctx: Context, *, rank: int, steps: int, lr: float,
+                   masks: dict[str, torch.Tensor] | None = None) -> float:
+    """Fine-tune rank-``rank`` adapters for ``steps`` steps, absorb them; returns the last loss.
+
+    ``masks`` (True = kept, per linear name) says where the update may land; without it, the
+    non-zero weights (a structured model has no masked entries)."""
     if rank < 1 or steps < 1:
         raise ValueError(f"low-rank update needs rank >= 1 and steps >= 1, got {rank} and {steps}")
     linears = ctx.adapter.linears()
@@ -51,7 +55,7 @@ def lowrank_update(ctx: Context, *, rank: int, steps: int, lr: float) -> float:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
     finally:
         for h in handles:
             h.remove()
@@ -62,5 +66,6 @@ def lowrank_update(ctx: Context, *, rank: int, steps: int, lr: float) -> float:
         for name, lin in linears.items():
             A, B = adapters[name]
             delta = (B @ A).to(lin.weight.dtype)
-            lin.weight.add_(delta * (lin.weight != 0))
+            keep = masks[name] if masks is not None else lin.weight != 0
+            lin.weight.add_(delta * keep)
     return loss_value

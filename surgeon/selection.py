@@ -36,9 +36,9 @@ def select_budget(
     guarded = []
     for c in costs:
         c = c.detach().float().flatten().cpu().clone()
-        if min_keep and c.numel():
-            top = torch.topk(c, min(min_keep, c.numel())).indices
-            c[top] = float("inf")
+        if min_keep and c.numel():  # the last entries of the array's own order (ties: highest position)
+            order = torch.sort(c, stable=True).indices
+            c[order[-min(min_keep, c.numel()):]] = float("inf")
         guarded.append(c)
     finite = sum(int(torch.isfinite(c).sum()) * int(w) for c, w in zip(guarded, weights))
     budget = min(budget, finite)  # guarded (+inf) entries sort last: never let the prefix reach them

@@ -201,3 +201,14 @@ def test_indefinite_factor_escalates_damping_with_warning(caplog):
     assert any("layers.0.mlp.up_proj A" in r.getMessage() and "damping raised to 10" in r.getMessage()
                for r in caplog.records)
     torch.testing.assert_close(inv @ (M + 10 * torch.eye(2)), torch.eye(2), atol=1e-5, rtol=0)
+
+
+def test_unusable_device_and_missing_report(tiny_folder, capsys):
+    if not torch.cuda.is_available():
+        assert cli(tiny_folder, tiny_folder / "out", "--method", "magnitude", "--device", "cuda") == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+        assert not (tiny_folder / "out").exists()
+    assert main(["prune", "--model", str(tiny_folder / "tiny"), "--method", "magnitude", "--device", "nonsense"]) == 2
+    assert "--device nonsense" in capsys.readouterr().err
+    assert main(["report", str(tiny_folder / "nowhere")]) == 2
+    assert "no report.json" in capsys.readouterr().err

@@ -47,6 +47,19 @@ def test_structure_scores_sum_blocks():
     torch.testing.assert_close(F.structure_scores(s, 4), torch.tensor([6.0, 22.0, 38.0], dtype=torch.float64))
 
 
+def test_structure_z_both_ways_keep_the_order_within_a_layer():
+    torch.manual_seed(0)
+    s = torch.rand(24, dtype=torch.float64) * torch.rand(24, dtype=torch.float64)
+    ch = F.structure_z(s, 6, "channels")
+    torch.testing.assert_close(ch, F.standardize(s).reshape(4, 6).mean(1))
+    st_ = F.structure_z(s, 6, "structures")
+    torch.testing.assert_close(st_, F.standardize(F.structure_scores(s, 6)))
+    assert torch.equal(ch.argsort(), st_.argsort())
+    torch.testing.assert_close(F.structure_z(s, 1, "channels"), F.structure_z(s, 1, "structures"))
+    with pytest.raises(ValueError):
+        F.structure_z(s, 6, "nope")
+
+
 def test_standardize():
     z = F.standardize(torch.tensor([1.0, 2.0, 4.0, 9.0]))
     assert abs(float(z.mean())) < 1e-12 and abs(float(z.std()) - 1.0) < 1e-12
@@ -209,7 +222,8 @@ def _check_prefix_counts():
 def test_config_validates_and_round_trips():
     cfg = FlapConfig(sparsity=0.2, metric="wifn", search="ul-um", bias_compensation=False)
     assert FlapConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in ({"metric": "x"}, {"search": "x"}, {"structure": "unstructured"}, {"structure": "2:4"}):
+    for bad in ({"metric": "x"}, {"search": "x"}, {"standardize": "x"}, {"structure": "unstructured"},
+                {"structure": "2:4"}):
         with pytest.raises(ValueError):
             FlapConfig(**bad)
 
@@ -248,6 +262,16 @@ def test_prune_end_to_end(family, metric, search, calib):
         logits = model(calib).logits
     assert torch.isfinite(logits).all()
     assert {"statistics", "scores", "search", "compress"} <= set(report.phases)
+
+
+def test_prune_with_structure_level_standardisation(calib):
+    model = make_llama(heads=8, kv_heads=4)
+    report = surgeon.prune(model, FlapConfig(sparsity=0.3, standardize="structures"), calib, device="cpu",
+                           progress=False)
+    assert report.extra["flap"]["standardize"] == "structures"
+    assert 0 < report.params_before - report.params_after <= math.floor(0.3 * report.params_before)
+    with torch.no_grad():
+        assert torch.isfinite(model(calib).logits).all()
 
 
 def test_llama_bias_compensation_keeps_the_model_reloadable(calib, tmp_path):

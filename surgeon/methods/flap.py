@@ -15,10 +15,22 @@ Score of input channel ``j`` of an output projection ``W`` (R×C), from its cali
 - ``wifn``: ``mean_i |W_ij| · ‖X_:j‖₂ / √N`` — Wanda's ``|W_ij|·‖X_j‖`` averaged over output rows, with
   the root-mean-square input instead of the norm so that it does not depend on the number of tokens.
 
-Variances are population variances (divide by N). A structure's score is the *sum* of its channels'
-scores (a Llama KV group's ``queries_per_kv · head_dim`` columns of o_proj, an OPT head's ``head_dim``
-columns, one column of down_proj / fc2 for an MLP channel). Since all structures of a group have the
-same number of channels and scores are then standardised, sum and mean give the same ranking.
+Variances are population variances (divide by N). A structure owns ``block`` input columns of its output
+projection: a Llama KV group's ``queries_per_kv · head_dim`` columns of o_proj, an OPT head's
+``head_dim`` columns, one column of down_proj / fc2 for an MLP channel. Scores are standardised within
+each (layer, module kind), z = (S − mean) / std, so that layers and kinds meet in one pool; where the
+standardisation happens is the ``standardize`` option (identical for MLP channels, whose block is 1):
+
+- ``"channels"`` (default): standardise the channel scores over the layer's output-projection columns,
+  then a structure's z is the mean of its channels' z (the authors' public code does this). The
+  statistics behind each z are the projection's hundreds of columns, which stays meaningful when a
+  layer has only a few KV groups (SmolLM2: three).
+- ``"structures"``: sum each structure's channel scores, then standardise over the layer's structures.
+  With few structures per layer this is nearly a fixed pattern (three values always standardise to
+  about ±1 and 0), so every layer's cheapest head group looks equally cheap.
+
+Within one group both give the same order (a structure's channel sum and its mean z are increasing
+affine functions of each other), so they differ only in how layers and kinds are weighed in the pool.
 """
 
 from __future__ import annotations
@@ -45,10 +57,12 @@ __all__ = [
     "search_structures",
     "standardize",
     "structure_scores",
+    "structure_z",
 ]
 
 METRICS = ("wifv", "ifv", "wifn")
 SEARCHES = ("ul-um", "al-mm", "al-am")
+STANDARDIZE = ("channels", "structures")
 
 # Config switches that give a family's linears biases, per module kind. A fresh model built from the
 # switched config must have exactly the pruned model's parameter names (checked before any weight moves);
@@ -76,6 +90,8 @@ class FlapConfig(MethodConfig):
                                  "'wifn' (mean |W| × input RMS)")
     search: str = option("al-am", "allocation: 'ul-um' (uniform), 'al-mm' (adaptive layers, attention/MLP "
                                   "split by parameter share), 'al-am' (one global pool)")
+    standardize: str = option("channels", "standardise channel scores then average per structure ('channels'), "
+                                          "or standardise summed structure scores ('structures')")
     bias_compensation: bool = option(True, "fold the mean of removed input channels into the output bias")
 
     def __post_init__(self) -> None:
@@ -84,6 +100,8 @@ class FlapConfig(MethodConfig):
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.standardize not in STANDARDIZE:
+            raise ValueError(f"standardize must be one of {STANDARDIZE}, got {self.standardize!r}")
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -106,6 +124,15 @@ def channel_scores(metric: str, weight: torch.Tensor, var: torch.Tensor, mean_sq
 def structure_scores(scores: torch.Tensor, block: int) -> torch.Tensor:
     """Sum the channel scores of each structure (``block`` consecutive channels)."""
     return scores.reshape(-1, block).sum(1)
+
+
+def structure_z(scores: torch.Tensor, block: int, where: str = "channels") -> torch.Tensor:
+    """Standardised structure scores from channel scores (see ``standardize`` in the module docstring)."""
+    if where == "channels":
+        return standardize(scores).reshape(-1, block).mean(1)
+    if where == "structures":
+        return standardize(structure_scores(scores, block))
+    raise ValueError(f"standardize must be one of {STANDARDIZE}, got {where!r}")
 
 
 def standardize(scores: torch.Tensor) -> torch.Tensor:
@@ -342,7 +369,7 @@ def flap(ctx: Context) -> None:
             part = _output_part(g)
             st = stats[part.linear]
             s = channel_scores(cfg.metric, adapter.module(part.linear).weight, st.variance(), st.sq / max(st.n, 1))
-            zs.append(standardize(structure_scores(s, part.block)))
+            zs.append(structure_z(s, part.block, cfg.standardize))
 
     with ctx.phase("search"):
         total = adapter.prunable_params()
@@ -380,6 +407,7 @@ def flap(ctx: Context) -> None:
     ctx.report.extra["flap"] = {
         "metric": cfg.metric,
         "search": cfg.search,
+        "standardize": cfg.standardize,
         "statistics": "layer-sequential, dense blocks (input moments of the output projections)",
         "prunable_params": total,
         "budget_params": budget,

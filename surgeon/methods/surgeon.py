@@ -169,7 +169,12 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
     return {"estimated_loss": est, "removed_structures": int(sum(removed.values())), "removed_by_group": removed}
 
 
-def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: bool) -> dict[str, Any]:
+def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: bool,
+                       masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One unstructured / N:M shot; ``masks`` (True = kept) are updated in place.
+
+    Explicit masks, not ``W != 0``: dequantised checkpoints hold exact zeros that are live weights.
+    """
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
     adapter = ctx.adapter
     linears = adapter.linears()
@@ -188,12 +193,12 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             Ainv = damped_inverse(f.A.to(W.device), cfg.damp_a, name=f"{name} A")
             inv[name] = (Ginv, Ainv)
             c = uobs.weight_costs(W, Ginv, Ainv)
-            c = uobs.masked_costs(c, W != 0)
-            costs.append(uobs.nm_candidates(c, W != 0, n, m) if nm and not final else c)
+            c = uobs.masked_costs(c, masks[name])
+            costs.append(uobs.nm_candidates(c, masks[name], n, m) if nm and not final else c)
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
         if nm and final:  # complete every group to exactly M - N removed
-            removes = [~uobs.nm_select(c, n, m, keep_mask=linears[name].weight != 0) for name, c in zip(names, costs)]
+            removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name]) for name, c in zip(names, costs)]
         else:
             k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
             picked = select_count(costs, k)
@@ -207,15 +212,16 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         for name, rm in zip(names, removes):
             lin = linears[name]
             W = lin.weight.detach().float()
-            rm = rm & (W != 0)
+            rm = rm & masks[name]
             if not bool(rm.any()):
                 continue
             Ginv, Ainv = inv[name]
             corr = cfg.correlation if cfg.update else "none"
             W_new, cost = uobs.prune_weights(W, rm, Ginv, Ainv, correlation=corr, max_correlate=cfg.max_correlate,
-                                             keep_mask=W != 0)
+                                             keep_mask=masks[name])
             est += float(cost)
             lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+            masks[name] &= ~rm
     return {"estimated_loss": est}
 
 
@@ -228,6 +234,10 @@ def run(ctx: Context) -> None:
     targets = _backend.schedule(cfg.sparsity, cfg.shots, cfg.schedule)
     # A resumed structured model is already smaller: targets stay relative to the size before shot 1.
     params0 = int((ctx.resume_state or {}).get("params0") or ctx.adapter.prunable_params())
+    # A resumed run's earlier removals are its zeros (exact zeros of the original weights count as removed).
+    masks = {} if structured else {
+        name: (lin.weight != 0) if ctx.resume_state else torch.ones_like(lin.weight, dtype=torch.bool)
+        for name, lin in ctx.adapter.linears().items()}
     start = 0
     if ctx.resume_state:
         start = int(ctx.resume_state.get("next_shot", 0))
@@ -238,14 +248,14 @@ def run(ctx: Context) -> None:
         if structured:
             rec = _shot_structured(ctx, shot, target, params0)
         else:
-            rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1)
+            rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1, masks=masks)
         if cfg.lowrank_rank > 0 and shot < cfg.shots - 1:
             from ..lowrank import lowrank_update
 
             with ctx.phase("lowrank"):
-                rec["lowrank_loss"] = lowrank_update(ctx, rank=cfg.lowrank_rank, steps=cfg.lowrank_steps, lr=cfg.lowrank_lr)
-        current = ctx.adapter.prunable_params() if structured else sum(
-            int(torch.count_nonzero(lin.weight)) for lin in ctx.adapter.linears().values())
+                rec["lowrank_loss"] = lowrank_update(ctx, rank=cfg.lowrank_rank, steps=cfg.lowrank_steps,
+                                                     lr=cfg.lowrank_lr, masks=masks or None)
+        current = ctx.adapter.prunable_params() if structured else sum(int(k.sum()) for k in masks.values())
         rec.update(shot=shot + 1, target_sparsity=target, achieved_sparsity=1 - current / params0,
                    wall_s=time.perf_counter() - t0)
         ctx.report.shots.append(rec)
