@@ -1,0 +1,37 @@
+"""Render a results JSON (DESIGN §5 format) as a markdown table: ``python benchmarks/table.py FILE [OUT.md]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("method", "variant", "structure", "target_kind", "target", "achieved", "ppl", "wall_s", "peak_gpu_gb",
+           "params_after", "tokens_per_s_after", "tokens_per_s_dense", "error")
+
+
+def render(d: dict) -> str:
+    rows = d["rows"]
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols += sorted({k for r in rows for k in r if k not in cols and not isinstance(r[k], (dict, list))})
+    head = [f"# {d['benchmark']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}", f"- device: {d['device']}",
+            f"- versions: {json.dumps(d['versions'])}"]
+    for key in ("model", "protocol", "note"):
+        if key in d:
+            head.append(f"- {key}: {d[key] if isinstance(d[key], str) else json.dumps(d[key])}")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    return "\n".join(head + [""] + lines) + "\n"
+
+
+def main() -> None:
+    src = Path(sys.argv[1])
+    md = render(json.loads(src.read_text()))
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else src.with_suffix(".md")
+    out.write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
