@@ -69,15 +69,17 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
 
+    #: module path of the decoder layers, e.g. ``model.layers``
+    layer_prefix: str = ""
+
     # -- layout -----------------------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.model.get_submodule(self.layer_prefix)
 
     @property
-    def layer_prefix(self) -> str:
-        """Module path of the decoder layers, e.g. ``model.layers``."""
-        raise NotImplementedError
+    def head_dim(self) -> int:
+        return self.layers[0].self_attn.head_dim
 
     def layer_linear_names(self) -> tuple[str, ...]:
         """Prunable linears of one decoder layer, relative to the layer."""

@@ -15,17 +15,7 @@ class LlamaAdapter(ModelAdapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
-    @property
-    def layers(self):
-        return self.model.model.layers
-
-    @property
-    def layer_prefix(self) -> str:
-        return "model.layers"
-
-    @property
-    def head_dim(self) -> int:
-        return self.layers[0].self_attn.head_dim
+    layer_prefix = "model.layers"
 
     @property
     def queries_per_kv(self) -> int:

@@ -9,17 +9,7 @@ class OPTAdapter(ModelAdapter):
     family = "opt"
     model_types = ("opt",)
 
-    @property
-    def layers(self):
-        return self.model.model.decoder.layers
-
-    @property
-    def layer_prefix(self) -> str:
-        return "model.decoder.layers"
-
-    @property
-    def head_dim(self) -> int:
-        return self.layers[0].self_attn.head_dim
+    layer_prefix = "model.decoder.layers"
 
     def layer_linear_names(self) -> tuple[str, ...]:
         return ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
