@@ -68,6 +68,19 @@ def test_structured_reaches_size_within_one_structure(family, calib):
     assert report.allocation("type")  # per-type allocation is an output of the run
 
 
+@pytest.mark.parametrize("align", [4, 8])
+def test_align_rounds_mlp_widths(align, calib):
+    model = make_llama(mlp=64)
+    ad = adapter_for(model)
+    p0 = ad.prunable_params()
+    surgeon.prune(model, SurgeonConfig(sparsity=0.3, structure="structured", shots=2, align=align), calib,
+                  device="cpu", progress=False)
+    widths = [g.count for g in ad.structure_groups() if g.kind == "mlp"]
+    assert all(w % align == 0 for w in widths), widths
+    channel = 3 * model.config.hidden_size
+    assert abs((p0 - ad.prunable_params()) - 0.3 * p0) <= len(widths) * (align / 2) * channel + channel
+
+
 def test_update_lowers_the_loss_the_curvature_predicts(calib):
     """With the OBS update the calibration loss is no worse than zeroing alone (same masks, K-OBD)."""
     losses = {}

@@ -46,6 +46,8 @@ class SurgeonConfig(MethodConfig):
     lowrank_rank: int = option(0, "rank of the low-rank update fine-tuned between shots (0 = off)")
     lowrank_steps: int = option(20, "optimizer steps of each low-rank update")
     lowrank_lr: float = option(1e-4, "learning rate of the low-rank update (Adam)")
+    align: int = option(1, "structured: round each layer's MLP width to a multiple of this in the last shot "
+                           "(8 or 64 suit GPU matrix units; 1 = exact size)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +62,8 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"max_correlate must be >= 1, got {self.max_correlate}")
         if self.damp_a < 0 or (self.damp_g is not None and self.damp_g < 0):
             raise ValueError("damping must be >= 0")
+        if self.align < 1:
+            raise ValueError(f"align must be >= 1, got {self.align}")
         if self.lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
 
@@ -118,7 +122,34 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
     return factors
 
 
-def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: int) -> dict[str, Any]:
+def _align_widths(groups: list, costs: list[torch.Tensor], picked: list[torch.Tensor], align: int) -> list[torch.Tensor]:
+    """Move each MLP group's remaining width to the nearest multiple of ``align`` (ties: narrower).
+
+    Widths that are multiples of 8/64 keep GPU matrix units on their fast paths; the price is a total
+    size within ``align / 2`` channels per layer of the target instead of within one channel.
+    """
+    out = []
+    for g, c, rm in zip(groups, costs, picked):
+        left = g.count - rm.numel()
+        if g.kind != "mlp" or g.count < align or left % align == 0:
+            out.append(rm)
+            continue
+        low = max(align, left // align * align)
+        want = low if left - low <= (low + align) - left or low + align > g.count else low + align
+        c = c.detach().float().cpu()
+        taken = torch.zeros(g.count, dtype=torch.bool)
+        taken[rm] = True
+        if want < left:  # remove the cheapest of those still kept
+            order = torch.sort(torch.where(taken, torch.inf, c), stable=True).indices
+            taken[order[: left - want]] = True
+        else:  # keep the most expensive of those picked
+            order = torch.sort(torch.where(taken, c, -torch.inf), descending=True, stable=True).indices
+            taken[order[: want - left]] = False
+        out.append(taken.nonzero().flatten())
+    return out
+
+
+def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: int, final: bool = False) -> dict[str, Any]:
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
     adapter = ctx.adapter
     groups = adapter.structure_groups()
@@ -146,6 +177,8 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
     budget = max(0, int(target_sparsity * params0) - (params0 - current))
     with ctx.phase("threshold"):
         picked = select_budget(costs, [g.params_per_structure for g in groups], budget)
+        if final and cfg.align > 1:
+            picked = _align_widths(groups, costs, picked, cfg.align)
     est = 0.0
     with ctx.phase("update"):
         for g, c, rm in zip(groups, costs, picked):
@@ -246,7 +279,7 @@ def run(ctx: Context) -> None:
         t0 = time.perf_counter()
         target = float(targets[shot])
         if structured:
-            rec = _shot_structured(ctx, shot, target, params0)
+            rec = _shot_structured(ctx, shot, target, params0, final=shot == cfg.shots - 1)
         else:
             rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1, masks=masks)
         if cfg.lowrank_rank > 0 and shot < cfg.shots - 1:
