@@ -1,8 +1,8 @@
 """How much memory an LLM Surgeon run needs, before it starts, and activation checkpointing for K-FAC.
 
 A K-FAC run holds, besides the weights, one fp32 Kronecker factor pair per prunable linear (about 2 GB
-per Llama-2-7B decoder layer), then damped inverses and costs of every layer at once. Finding out that
-they do not fit an hour into calibration is a common way for such runs to fail, so
+per Llama-2-7B decoder layer), then damped inverses (one linear at a time) and the costs of every layer.
+Finding out that they do not fit an hour into calibration is a common way for such runs to fail, so
 :func:`plan` estimates the peak of each phase of the loop in :mod:`surgeon.methods.surgeon` from shapes
 alone, and :func:`check` logs that estimate and refuses a run that cannot fit before any work is done.
 
@@ -305,21 +305,23 @@ def plan(
         add("all-reduce of token counts", 8 * len(names), dev, cur)
 
     # costs, threshold and update
+    # inverses are made one linear at a time (and the last A^-1 kept for the linears sharing it)
     if structured:
         inv = 0
         for g in adapter.structure_groups():
             for p in g.parts:
                 m = linears[p.linear]
-                inv += 4 * (m.out_features if p.axis == "row" else m.in_features) ** 2
-        add("damped inverses (every layer)", inv, dev, rest, "G^-1 of row parts, A^-1 of column parts")
+                inv = max(inv, 4 * (m.out_features if p.axis == "row" else m.in_features) ** 2)
+        add("damped inverses (one linear)", 2 * inv, dev, rest, "the current inverse and the kept A^-1")
         n_struct = sum(g.count for g in adapter.structure_groups())
         add("structure costs", 4 * n_struct, dev, rest)
         add("structure costs on host", 8 * n_struct, "host", ("threshold",))
     else:
-        inv = sum(4 * (m.out_features**2 + m.in_features**2) for m in linears.values())
-        add("damped inverses (every layer)", inv, dev, rest, "G^-1 and A^-1 of every linear")
+        inv = max(4 * (m.out_features**2 + m.in_features**2) for m in linears.values())
+        add("damped inverses (one linear)", inv, dev, rest, "G^-1 and A^-1 of the current linear")
         numel = sum(m.weight.numel() for m in linears.values())
-        add("per-weight costs", 4 * numel, dev, rest)
+        add("per-weight costs", 4 * numel, "host" if offload else dev, rest,
+            "kept in host memory when the factors are offloaded")
         if _native_threshold():
             add("costs copied for the threshold", 4 * numel, "host", ("threshold",), "the native kernel reads host arrays")
         else:
@@ -412,8 +414,7 @@ def check(ctx: Any, *, device_total: int | None = None) -> MemoryPlan | None:
         if not p.summary["checkpointing"]:
             hints.append("model.gradient_checkpointing_enable() to keep only each layer's input for backward")
     else:
-        hints.append("fewer layers pruned per run or a larger device: the inverses and costs of every layer are "
-                     "held at once")
+        hints.append("fewer layers pruned per run or a larger device: the costs of every layer are held at once")
     text = msg + ". Options: " + "; ".join(hints) + f" (set {CHECK_ENV}=warn to run anyway)."
     if p.summary["offload_factors"] or mode == "warn":
         ctx.log.warning("%s", text)

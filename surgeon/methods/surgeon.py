@@ -122,6 +122,28 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
     return factors
 
 
+class _Inverses:
+    """Damped inverses of the factors, made on demand one linear at a time.
+
+    Keeping every layer's inverses for the whole shot would cost as much memory as the factors
+    themselves (tens of GiB for a 7B model); recomputing them in the update phase costs one Cholesky
+    per pruned linear. The last inverse of A is kept, since q/k/v (gate/up) read one input.
+    """
+
+    def __init__(self, factors: dict[str, KFactors], cfg: SurgeonConfig):
+        self.factors, self.cfg = factors, cfg
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def G(self, name: str, device: torch.device) -> torch.Tensor:
+        return damped_inverse(self.factors[name].G.to(device), self.cfg.g_damping, name=f"{name} G")
+
+    def A(self, name: str, device: torch.device) -> torch.Tensor:
+        A = self.factors[name].A
+        if self._last is None or self._last[0] != id(A) or self._last[1].device != device:
+            self._last = (id(A), damped_inverse(A.to(device), self.cfg.damp_a, name=f"{name} A"))
+        return self._last[1]
+
+
 def _align_widths(groups: list, costs: list[torch.Tensor], picked: list[torch.Tensor], align: int) -> list[torch.Tensor]:
     """Move each MLP group's remaining width to the nearest multiple of ``align`` (ties: narrower).
 
@@ -156,8 +178,8 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
     names = sorted({p.linear for g in groups for p in g.parts})
     with ctx.phase("curvature"):
         factors = _factors(ctx, names, shot)
+    inv = _Inverses(factors, cfg)
     with ctx.phase("costs"):
-        inv: dict[str, torch.Tensor] = {}
         costs = []
         for g in groups:
             c = None
@@ -166,11 +188,9 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
                 f = factors[p.linear]
                 dev = W.device
                 if p.axis == "row":
-                    inv[p.linear] = Ginv = damped_inverse(f.G.to(dev), cfg.g_damping, name=f"{p.linear} G")
-                    pc = sobs.row_costs(W, f.A.to(dev), Ginv, block=p.block)
+                    pc = sobs.row_costs(W, f.A.to(dev), inv.G(p.linear, dev), block=p.block)
                 else:
-                    inv[p.linear] = Ainv = damped_inverse(f.A.to(dev), cfg.damp_a, name=f"{p.linear} A")
-                    pc = sobs.col_costs(W, f.G.to(dev), Ainv, block=p.block)
+                    pc = sobs.col_costs(W, f.G.to(dev), inv.A(p.linear, dev), block=p.block)
                 c = pc if c is None else c + pc
             costs.append(c)
     current = adapter.prunable_params()
@@ -191,9 +211,9 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
                 if cfg.update:
                     W = lin.weight.detach().float()
                     if p.axis == "row":
-                        W_new, _ = sobs.remove_rows(W, inv[p.linear], idx)
+                        W_new, _ = sobs.remove_rows(W, inv.G(p.linear, W.device), idx)
                     else:
-                        W_new, _ = sobs.remove_cols(W, inv[p.linear], idx)
+                        W_new, _ = sobs.remove_cols(W, inv.A(p.linear, W.device), idx)
                     lin.weight.data.copy_(W_new.to(lin.weight.dtype))
             keep = torch.ones(g.count, dtype=torch.bool)
             keep[rm] = False
@@ -216,22 +236,20 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         factors = _factors(ctx, names, shot)
     nm = cfg.structure_kind == "nm"
     n, m = cfg.nm if nm else (0, 0)
+    inv = _Inverses(factors, cfg)
     with ctx.phase("costs"):
-        inv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         costs = []
         for name in names:
             W = linears[name].weight.detach().float()
-            f = factors[name]
-            Ginv = damped_inverse(f.G.to(W.device), cfg.g_damping, name=f"{name} G")
-            Ainv = damped_inverse(f.A.to(W.device), cfg.damp_a, name=f"{name} A")
-            inv[name] = (Ginv, Ainv)
-            c = uobs.weight_costs(W, Ginv, Ainv)
+            c = uobs.weight_costs(W, inv.G(name, W.device).diagonal(), inv.A(name, W.device).diagonal())
             c = uobs.masked_costs(c, masks[name])
-            costs.append(uobs.nm_candidates(c, masks[name], n, m) if nm and not final else c)
+            c = uobs.nm_candidates(c, masks[name], n, m) if nm and not final else c
+            # with offloaded factors the per-weight costs (one float per weight) wait in host memory
+            costs.append(c.cpu() if cfg.offload_factors else c)
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
         if nm and final:  # complete every group to exactly M - N removed
-            removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name]) for name, c in zip(names, costs)]
+            removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name].to(c.device)) for name, c in zip(names, costs)]
         else:
             k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
             picked = select_count(costs, k)
@@ -245,13 +263,12 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         for name, rm in zip(names, removes):
             lin = linears[name]
             W = lin.weight.detach().float()
-            rm = rm & masks[name]
+            rm = rm.to(W.device) & masks[name]
             if not bool(rm.any()):
                 continue
-            Ginv, Ainv = inv[name]
             corr = cfg.correlation if cfg.update else "none"
-            W_new, cost = uobs.prune_weights(W, rm, Ginv, Ainv, correlation=corr, max_correlate=cfg.max_correlate,
-                                             keep_mask=masks[name])
+            W_new, cost = uobs.prune_weights(W, rm, inv.G(name, W.device), inv.A(name, W.device), correlation=corr,
+                                             max_correlate=cfg.max_correlate, keep_mask=masks[name])
             est += float(cost)
             lin.weight.data.copy_(W_new.to(lin.weight.dtype))
             masks[name] &= ~rm
