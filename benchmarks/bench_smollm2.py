@@ -117,6 +117,8 @@ class Bench:
 
     def run(self, method: str, structure: str, sparsity: float, **kw: Any) -> None:
         """One pruning run; a failure becomes an ``error`` row so the rest of the suite still runs."""
+        if self.args.only and f"{method}/{structure}" not in self.args.only.split(","):
+            return
         try:
             self._run(method, structure, sparsity, **kw)
         except Exception as e:  # noqa: BLE001
@@ -180,6 +182,8 @@ class Bench:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="all", choices=["structured", "unstructured", "all"])
+    p.add_argument("--only", default="", help="comma-separated METHOD/STRUCTURE rows to run, e.g. "
+                   "'llm-surgeon/2:4,k-obd/2:4' (with the dense row; default: the whole suite)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
