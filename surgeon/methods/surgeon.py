@@ -14,10 +14,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import _backend
+from .. import _backend, distributed
 from ..config import MethodConfig, option
 from ..curvature import KFactors, equalize_norms, estimate_kfac
 from ..linalg import damped_inverse
+from ..lowrank import lowrank_update
+from ..memory import activation_checkpointing
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
 from ..selection import select_budget, select_count
@@ -96,9 +98,6 @@ class LOBDConfig(SurgeonConfig):
 # ---------------------------------------------------------------------------------------------------
 def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
-    from .. import distributed
-    from ..memory import activation_checkpointing
-
     modules = {n: ctx.adapter.module(n) for n in names}
     if distributed.debug():
         distributed.assert_same(f"weights before shot {shot + 1}", [m.weight for m in modules.values()])
@@ -300,8 +299,6 @@ def run(ctx: Context) -> None:
         else:
             rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1, masks=masks)
         if cfg.lowrank_rank > 0 and shot < cfg.shots - 1:
-            from ..lowrank import lowrank_update
-
             with ctx.phase("lowrank"):
                 rec["lowrank_loss"] = lowrank_update(ctx, rank=cfg.lowrank_rank, steps=cfg.lowrank_steps,
                                                      lr=cfg.lowrank_lr, masks=masks or None)
