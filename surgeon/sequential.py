@@ -357,8 +357,13 @@ def for_each_layer(
     offload: bool | str = "auto",
     autocast: bool = True,
     desc: str | None = None,
+    checkpoint: bool = False,
 ) -> None:
     """Call ``fn(step)`` for every decoder block in order, on inputs produced by the blocks already pruned.
+
+    ``checkpoint``: after each block, hand ``{"next_layer": i + 1}`` to ``ctx.checkpoint`` (for methods
+    that prune block by block). A run resumed from such a checkpoint replays the blocks before
+    ``next_layer`` (already pruned in the loaded model) only to rebuild the inputs of the next one.
 
     ``offload``: keep cached activations on the CPU between uses (``"auto"``: when they would not fit
     comfortably on the GPU). ``autocast``: run blocks under ``ctx.autocast()`` (statistics stay fp32).
@@ -374,6 +379,7 @@ def for_each_layer(
         with ctx.phase("capture"):
             inputs = LayerInputs.capture(ctx, offload=bool(offload), autocast=autocast)
         n = len(adapter.layers)
+        start = int((ctx.resume_state or {}).get("next_layer", 0)) if checkpoint else 0
         for i in ctx.tqdm(range(n), desc=desc or ctx.config.method, unit="layer"):
             layer = adapter.layers[i]
             home = _device_of(layer)
@@ -381,12 +387,15 @@ def for_each_layer(
                 layer.to(ctx.device)
             prefix = f"{adapter.layer_prefix}.{i}"
             groups = [tuple(f"{prefix}.{n}" for n in g) for g in adapter.input_groups()]
-            fn(LayerStep(ctx, i, layer, inputs, groups))
+            if i >= start:
+                fn(LayerStep(ctx, i, layer, inputs, groups))
             if i + 1 < n:
                 with ctx.phase("forward"):
                     inputs.run(layer, update=True)
             if home is not None and home != ctx.device:
                 layer.to(home)
+            if checkpoint and i >= start and ctx.checkpoint is not None:
+                ctx.checkpoint("layer", {"next_layer": i + 1})
     finally:
         ctx.model.train(was_training)
 

@@ -167,6 +167,23 @@ def test_layer_checkpoints_resume(tmp_path, calib4, layerwise):
     _same_weights(model, ref)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
+def test_layer_sequential_methods_resume(tmp_path, calib4, method):
+    """Killed after its first block, a layer-sequential run resumes to the model of an uninterrupted run."""
+    cfg = METHODS[method][0](sparsity=0.5)
+    ref = make_llama(layers=3)
+    surgeon.prune(ref, cfg, calib4, device="cpu", progress=False)
+    with pytest.raises(Crash):
+        surgeon.prune(make_llama(layers=3), cfg, calib4, device="cpu", progress=False,
+                      checkpoint=CrashAfter(tmp_path / "c", 1))
+    ckpt = Checkpointer(tmp_path / "c")
+    state = ckpt.load_state()
+    assert state["_kind"] == "layer" and state["next_layer"] == 1
+    model = ckpt.load_model(attn_implementation="eager")
+    surgeon.prune(model, cfg, calib4, device="cpu", progress=False, checkpoint=ckpt, resume_state=state)
+    _same_weights(model, ref)
+
+
 # -- determinism --------------------------------------------------------------------------------------
 def test_same_seed_same_weights(calib4):
     cfg = _surgeon("unstructured", shots=2)

@@ -182,4 +182,4 @@ def run(ctx: Context) -> None:
                     rec["error"] = output_error(w0, w, g)
                     w0.copy_(w.to(w0.dtype))
 
-    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="admm")
+    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="admm", checkpoint=True)

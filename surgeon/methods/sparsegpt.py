@@ -159,4 +159,4 @@ def run(ctx: Context) -> None:
                     rec["error"] = output_error(w0, w, g.sum)
                     w0.copy_(w.to(w0.dtype))
 
-    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="sparsegpt")
+    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="sparsegpt", checkpoint=True)

@@ -56,4 +56,4 @@ def run(ctx: Context) -> None:
                     lin.weight.data.masked_fill_(~keep, 0)
                     rec["pruned"] = int((~keep).sum())
 
-    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="wanda")
+    for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="wanda", checkpoint=True)
