@@ -301,7 +301,17 @@ def collect(
     finally:
         for h in handles:
             h.remove()
+    for n in linears:
+        _check_finite(n, stats[n])
     return {n: stats[n] for n in linears}
+
+
+def _check_finite(name: str, stat: Statistic) -> None:
+    """Refuse statistics with NaN/Inf (overflowing activations), naming the linear, before any pruning
+    decision is made from them."""
+    for attr, value in vars(stat).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"non-finite activations (NaN/Inf) reach {name} ({attr} of its input statistics)")
 
 
 # -- the layer loop --------------------------------------------------------------------------------

@@ -100,3 +100,14 @@ def test_statistics_match_direct_computation(calib):
     w = w0 * (torch.rand_like(w0) > 0.5)
     direct = float(((x @ (w - w0).T) ** 2).sum() / ((x @ w0.T) ** 2).sum())
     assert output_error(w0, w, x.T @ x) == pytest.approx(direct, rel=1e-6)
+
+
+def test_nonfinite_statistics_name_the_linear(tiny_llama, calib):
+    """An activation that overflows only inside a block is caught in its statistics, with the layer's name."""
+    import surgeon
+    from surgeon.methods.wanda import WandaConfig
+
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.up_proj.weight[0] = 1e25  # finite outputs, squares overflow fp32
+    with pytest.raises(ValueError, match=r"non-finite activations .*layers\.1\.mlp\.down_proj"):
+        surgeon.prune(tiny_llama, WandaConfig(sparsity=0.5), calib, device="cpu", progress=False)
