@@ -153,35 +153,30 @@ def layerwise():
     METHODS.pop("test-layerwise", None)
 
 
-def test_layer_checkpoints_resume(tmp_path, calib4, layerwise):
+def _kill_and_resume_by_layer(tmp_path, calib4, cfg, crash_after):
+    """Run ``cfg`` uninterrupted, then killed after ``crash_after`` layer checkpoints and resumed:
+    both must end with the same weights."""
     ref = make_llama(layers=3)
-    surgeon.prune(ref, layerwise, calib4, device="cpu", progress=False)
+    surgeon.prune(ref, cfg, calib4, device="cpu", progress=False)
     with pytest.raises(Crash):
-        surgeon.prune(make_llama(layers=3), layerwise, calib4, device="cpu", progress=False,
-                      checkpoint=CrashAfter(tmp_path / "c", 2))
+        surgeon.prune(make_llama(layers=3), cfg, calib4, device="cpu", progress=False,
+                      checkpoint=CrashAfter(tmp_path / "c", crash_after))
     ckpt = Checkpointer(tmp_path / "c")
     state = ckpt.load_state()
-    assert state["_kind"] == "layer" and state["next_layer"] == 2
+    assert state["_kind"] == "layer" and state["next_layer"] == crash_after
     model = ckpt.load_model(attn_implementation="eager")
-    surgeon.prune(model, layerwise, calib4, device="cpu", progress=False, checkpoint=ckpt, resume_state=state)
+    surgeon.prune(model, cfg, calib4, device="cpu", progress=False, checkpoint=ckpt, resume_state=state)
     _same_weights(model, ref)
+
+
+def test_layer_checkpoints_resume(tmp_path, calib4, layerwise):
+    _kill_and_resume_by_layer(tmp_path, calib4, layerwise, 2)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
 def test_layer_sequential_methods_resume(tmp_path, calib4, method):
     """Killed after its first block, a layer-sequential run resumes to the model of an uninterrupted run."""
-    cfg = METHODS[method][0](sparsity=0.5)
-    ref = make_llama(layers=3)
-    surgeon.prune(ref, cfg, calib4, device="cpu", progress=False)
-    with pytest.raises(Crash):
-        surgeon.prune(make_llama(layers=3), cfg, calib4, device="cpu", progress=False,
-                      checkpoint=CrashAfter(tmp_path / "c", 1))
-    ckpt = Checkpointer(tmp_path / "c")
-    state = ckpt.load_state()
-    assert state["_kind"] == "layer" and state["next_layer"] == 1
-    model = ckpt.load_model(attn_implementation="eager")
-    surgeon.prune(model, cfg, calib4, device="cpu", progress=False, checkpoint=ckpt, resume_state=state)
-    _same_weights(model, ref)
+    _kill_and_resume_by_layer(tmp_path, calib4, METHODS[method][0](sparsity=0.5), 1)
 
 
 # -- determinism --------------------------------------------------------------------------------------
