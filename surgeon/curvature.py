@@ -79,6 +79,9 @@ class KFACCollector:
     share of the collection time once batches hold several windows, and their rounding (10-bit
     mantissa per product, fp32 sums) averages out over tokens far below typical damping.
 
+    ``gradients=False`` collects A only and reports G = I (activations-only curvature, as L-OBD uses):
+    forward passes suffice.
+
     Gradient checkpointing is not supported: recomputed forwards would count their inputs twice.
     """
 
@@ -90,6 +93,7 @@ class KFACCollector:
         offload: bool = False,
         share_inputs: bool = True,
         tf32: bool = False,
+        gradients: bool = True,
     ) -> None:
         if not modules:
             raise ValueError("no modules to collect curvature for")
@@ -100,6 +104,7 @@ class KFACCollector:
         self._device = torch.device("cpu") if offload else (torch.device(device) if device is not None else None)
         self._share = share_inputs
         self._tf32 = tf32
+        self._gradients = gradients
         self._A: dict[str, Tensor] = {}  # keyed by the module that owns the (possibly shared) accumulator
         self._G: dict[str, Tensor] = {}
         self._nA: dict[str, int] = {}
@@ -182,13 +187,13 @@ class KFACCollector:
         self.check_finite()
         for name in self._modules:
             owner = self._owner.get(name)
-            if owner is None or name not in self._G:
+            if owner is None or (self._gradients and name not in self._G):
                 raise RuntimeError(
                     f"no statistics for module '{name}': run forward and backward passes inside the collector"
                 )
             if self._nA[owner] == 0:
                 raise RuntimeError(f"module '{name}': every token was masked")
-            if self._nG[name] != self._nA[owner]:
+            if self._gradients and self._nG[name] != self._nA[owner]:
                 raise RuntimeError(
                     f"module '{name}': {self._nA[owner]} tokens in forward passes but {self._nG[name]} in "
                     "backward passes (was every forward followed by a backward of the loss?)"
@@ -200,7 +205,9 @@ class KFACCollector:
         result = {}
         for name in self._modules:
             owner = self._owner[name]
-            result[name] = KFactors(A=self._A[owner], G=self._G[name], n_tokens=self._nA[owner])
+            A = self._A[owner]
+            G = self._G[name] if self._gradients else torch.eye(self._modules[name].out_features, device=A.device)
+            result[name] = KFactors(A=A, G=G, n_tokens=self._nA[owner])
         self._result = result
         self._A, self._G, self._staging = {}, {}, {}
         return dict(result)
@@ -214,7 +221,7 @@ class KFACCollector:
                 raise ValueError(f"{name}: expected the input tensor as the first positional argument")
             mask = self._mask
             self._accumulate_input(name, inputs[0], mask)
-            if isinstance(output, Tensor) and output.requires_grad:
+            if self._gradients and isinstance(output, Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(name, mask))
 
         return hook
@@ -305,6 +312,7 @@ def estimate_kfac(
     offload: bool = False,
     share_inputs: bool = True,
     tf32: bool = False,
+    gradients: bool = True,
     progress: Any = None,
 ) -> dict[str, KFactors]:
     """K-FAC factors of ``modules`` from forward+backward passes of ``model`` over ``batches``.
@@ -314,7 +322,8 @@ def estimate_kfac(
     ``fisher="empirical"`` backpropagates the summed next-token loss of the true labels;
     ``"sampled"`` draws each label from the model's own predictive distribution (the true Fisher),
     seeded by ``generator`` or ``seed``. ``autocast_dtype`` runs the model under autocast; factors
-    stay fp32. ``device``/``offload``/``share_inputs``/``tf32`` are passed to :class:`KFACCollector`.
+    stay fp32. ``device``/``offload``/``share_inputs``/``tf32``/``gradients`` are passed to
+    :class:`KFACCollector`; with ``gradients=False`` only forward passes run (G = I).
     ``progress`` is a callable ``(i, n)`` (``n`` is None for unsized iterables) or has ``update(1)``.
 
     The factors do not depend on how windows are grouped into batches (the loss is a sum), so
@@ -344,8 +353,9 @@ def estimate_kfac(
             for p, _ in flags:
                 p.requires_grad_(False)
             handle = embed.register_forward_hook(_require_grad)
-        with KFACCollector(modules, device=device, offload=offload, share_inputs=share_inputs, tf32=tf32) as col:
-            with torch.enable_grad():
+        with KFACCollector(modules, device=device, offload=offload, share_inputs=share_inputs, tf32=tf32,
+                           gradients=gradients) as col:
+            with torch.set_grad_enabled(gradients):
                 for i, batch in enumerate(batches):
                     ids, attn = _unpack(batch, model_device)
                     col.set_token_mask(attn)
@@ -355,12 +365,14 @@ def estimate_kfac(
                         enabled=autocast_dtype is not None,
                     ):
                         out = model(input_ids=ids, attention_mask=attn, use_cache=False)
-                    logits = _logits(out)
-                    if fisher == "sampled" and generator is None:
-                        generator = torch.Generator(device=logits.device).manual_seed(seed)
-                    loss = _summed_lm_loss(logits, ids, attn, generator if fisher == "sampled" else None)
-                    loss.backward()
-                    del out, logits, loss
+                    if gradients:
+                        logits = _logits(out)
+                        if fisher == "sampled" and generator is None:
+                            generator = torch.Generator(device=logits.device).manual_seed(seed)
+                        loss = _summed_lm_loss(logits, ids, attn, generator if fisher == "sampled" else None)
+                        loss.backward()
+                        del logits, loss
+                    del out
                     if embed is None:
                         model.zero_grad(set_to_none=True)
                     col.check_finite()

@@ -255,3 +255,21 @@ def test_opt_shares_qkv_and_gives_finite_factors(tiny_opt):
     assert f[f"{attn}.q_proj"].A is f[f"{attn}.k_proj"].A is f[f"{attn}.v_proj"].A
     assert f["model.decoder.layers.0.fc1"].A is not f[f"{attn}.q_proj"].A
     assert all(bool(torch.isfinite(x.G).all()) and x.n_tokens == 32 for x in f.values())
+
+
+def test_activations_only_needs_no_backward(tiny_llama):
+    """gradients=False: the same A as a full pass, G = I, and no backward pass at all."""
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    modules = {"model.layers.0.mlp.down_proj": tiny_llama.model.layers[0].mlp.down_proj,
+               "model.layers.1.self_attn.q_proj": tiny_llama.model.layers[1].self_attn.q_proj}
+    full = estimate_kfac(tiny_llama, modules, [ids])
+    calls = []
+    handle = modules["model.layers.0.mlp.down_proj"].register_full_backward_hook(lambda *a: calls.append(1))
+    try:
+        fwd = estimate_kfac(tiny_llama, modules, [ids], gradients=False)
+    finally:
+        handle.remove()
+    assert not calls
+    for name, mod in modules.items():
+        torch.testing.assert_close(fwd[name].A, full[name].A)
+        assert torch.equal(fwd[name].G, torch.eye(mod.out_features))

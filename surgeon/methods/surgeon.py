@@ -108,14 +108,12 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
             factors = estimate_kfac(
                 ctx.model, modules, batches, fisher=cfg.fisher, seed=distributed.rank_seed(cfg.seed + shot),
                 autocast_dtype=ctx.autocast_dtype, device=ctx.device, offload=cfg.offload_factors,
-                tf32=ctx.device.type == "cuda", progress=lambda i, n: bar.update(1),
+                tf32=ctx.device.type == "cuda", gradients=cfg.curvature == "kfac",
+                progress=lambda i, n: bar.update(1),
             )
     finally:
         bar.close()
     factors = distributed.reduce_factors(factors)
-    if cfg.curvature == "activations":
-        for name, f in factors.items():
-            f.G = torch.eye(modules[name].out_features, device=f.A.device)
     if cfg.equalize:
         equalize_norms(factors)
     return factors
