@@ -52,7 +52,9 @@ def select_budget(
 
 def _fill(costs: list[torch.Tensor], weights: Sequence[int], picked: list[torch.Tensor], left: int) -> list[torch.Tensor]:
     """Greedily add, in global cost order, the untaken finite entries whose weight still fits."""
-    flat = torch.cat(costs) if costs else torch.zeros(0)
+    if not costs:
+        return picked
+    flat = torch.cat(costs)
     owner = torch.cat([torch.full((c.numel(),), i, dtype=torch.long) for i, c in enumerate(costs)])
     offsets = torch.tensor([0] + [c.numel() for c in costs]).cumsum(0)
     w = torch.as_tensor(list(weights), dtype=torch.long)[owner]

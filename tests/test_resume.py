@@ -94,6 +94,28 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, calib4, family, str
     assert not ckpt.exists() and not (tmp_path / "ckpt").exists()
 
 
+def test_nm_resume_with_zeros_already_in_the_weights(tmp_path, calib4):
+    """Exact zeros of a dequantised checkpoint look like removals after a resume: the pattern still holds."""
+    cfg = METHODS["llm-surgeon"][0](structure="2:4", shots=3, **FAST)
+
+    def zeroed():
+        model = make_llama()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "proj" in name:
+                    p[torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) < 0.4] = 0
+        return model
+
+    with pytest.raises(Crash):
+        surgeon.prune(zeroed(), cfg, calib4, device="cpu", progress=False, checkpoint=CrashAfter(tmp_path / "c", 1))
+    ckpt = Checkpointer(tmp_path / "c")
+    model = ckpt.load_model(attn_implementation="eager")
+    surgeon.prune(model, cfg, calib4, device="cpu", progress=False, checkpoint=ckpt, resume_state=ckpt.load_state())
+    for name, p in model.named_parameters():
+        if "proj" in name:
+            assert int((p.view(p.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, name
+
+
 def test_kill_mid_swap_falls_back_to_previous_checkpoint(tmp_path, calib4):
     cfg = _surgeon("unstructured", shots=2)
     with pytest.raises(Crash):

@@ -285,6 +285,11 @@ def run(ctx: Context) -> None:
     masks = {} if structured else {
         name: (lin.weight != 0) if ctx.resume_state else torch.ones_like(lin.weight, dtype=torch.bool)
         for name, lin in ctx.adapter.linears().items()}
+    if ctx.resume_state and cfg.structure_kind == "nm":
+        n, m = cfg.nm
+        for keep in masks.values():  # zeros beyond M - N in a group are live weights that happen to be 0
+            groups = keep.view(keep.shape[0], -1, m)
+            groups |= (~groups).cumsum(-1) > (m - n)
     start = 0
     if ctx.resume_state:
         start = int(ctx.resume_state.get("next_shot", 0))
