@@ -257,13 +257,7 @@ class Backend:
         counts)``: the cost of the last selected entry, ``-inf`` when nothing is selected (``counts``
         tells that apart from a prefix of ``-inf`` costs), and the number selected per array.
         """
-        p = _Prepared(arrays, k, weights, fraction, names)
-        if self.name == "rust":
-            host = [_host_f32(a) for a in p.arrays]
-            threshold, counts = _native.global_threshold(host, p.k, p.weights, p.names)
-        else:
-            dev = [_device_f32(a) for a in p.arrays]
-            threshold, counts = _twins.global_threshold(dev, p.k, p.weights, p.names)
+        threshold, counts = self._over_arrays("global_threshold", _Prepared(arrays, k, weights, fraction, names))
         return float(threshold), [int(c) for c in counts]
 
     def select_smallest(
@@ -277,14 +271,14 @@ class Backend:
     ) -> list[np.ndarray]:
         """Positions selected by :meth:`global_threshold`'s rule: one int64 array per input array,
         flat positions in ascending order."""
-        p = _Prepared(arrays, k, weights, fraction, names)
-        if self.name == "rust":
-            host = [_host_f32(a) for a in p.arrays]
-            chosen = _native.select_smallest(host, p.k, p.weights, p.names)
-        else:
-            dev = [_device_f32(a) for a in p.arrays]
-            chosen = _twins.select_smallest(dev, p.k, p.weights, p.names)
+        chosen = self._over_arrays("select_smallest", _Prepared(arrays, k, weights, fraction, names))
         return [_to_numpy(c, np.int64) for c in chosen]
+
+    def _over_arrays(self, fn: str, p: _Prepared) -> Any:
+        """Call ``fn`` of the native module on host float32 arrays, or of the twins on device tensors."""
+        if self.name == "rust":
+            return getattr(_native, fn)([_host_f32(a) for a in p.arrays], p.k, p.weights, p.names)
+        return getattr(_twins, fn)([_device_f32(a) for a in p.arrays], p.k, p.weights, p.names)
 
     def rank(self, costs: Any, k: int) -> np.ndarray:
         """Flat positions of the ``min(k, size)`` cheapest entries of ``costs``, ordered by cost then
