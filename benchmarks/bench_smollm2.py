@@ -51,10 +51,10 @@ def tokens_per_s(model: torch.nn.Module, device: torch.device, seqlen: int, batc
 
 def linear_params(model: torch.nn.Module, *, nonzero: bool = False) -> int:
     """Prunable linear weights of ``model`` (its non-zeros with ``nonzero``)."""
-    linears = adapter_for(model).linears().values()
+    adapter = adapter_for(model)
     if nonzero:
-        return sum(int(torch.count_nonzero(m.weight)) for m in linears)
-    return sum(m.weight.numel() for m in linears)
+        return sum(int(torch.count_nonzero(m.weight)) for m in adapter.linears().values())
+    return adapter.prunable_params()
 
 
 class Bench:
@@ -132,7 +132,6 @@ class Bench:
         cfg_cls, _ = METHODS[method]
         cfg = cfg_cls(sparsity=sparsity if ":" not in structure else 0.0, structure=structure, **fields)
         model = self.fresh()
-        structured = structure == "structured"
         t_start = time.perf_counter()
         eval_time = [0.0]
 

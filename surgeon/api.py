@@ -23,12 +23,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _module_record(i: int, name: str, lin: nn.Linear) -> dict[str, Any]:
+    """The report's record of linear ``name`` of layer ``i`` before pruning."""
+    return {"layer": i, "type": name.split(f".{i}.", 1)[1], "params_before": lin.weight.numel()}
+
+
 def _module_records(adapter: Any) -> dict[str, dict[str, Any]]:
-    recs = {}
-    for i in range(len(adapter.layers)):
-        for name, lin in adapter.layer_linears(i).items():
-            recs[name] = {"layer": i, "type": name.split(f".{i}.", 1)[1], "params_before": lin.weight.numel()}
-    return recs
+    return {name: _module_record(i, name, lin)
+            for i in range(len(adapter.layers)) for name, lin in adapter.layer_linears(i).items()}
 
 
 def validate(model: nn.Module, config: MethodConfig, calibration: Any, *,
@@ -202,7 +204,7 @@ def finalize_report(report: Report, adapter: Any, *, structured: bool) -> None:
     """Fill in what remains of each module (its weights' count, or non-zeros when masked)."""
     for i in range(len(adapter.layers)):
         for name, lin in adapter.layer_linears(i).items():
-            rec = report.modules.setdefault(name, {"layer": i, "type": name.split(f".{i}.", 1)[1], "params_before": lin.weight.numel()})
+            rec = report.modules.setdefault(name, _module_record(i, name, lin))
             w = lin.weight
             rec["params_after"] = w.numel() if structured else int(torch.count_nonzero(w))
             rec["shape"] = list(w.shape)

@@ -24,6 +24,11 @@ class Part:
     axis: Axis
     block: int
 
+    def indices(self, structures: torch.Tensor) -> torch.Tensor:
+        """Rows (or columns) of this part's linear that belong to the given structures."""
+        structures = torch.as_tensor(structures, dtype=torch.long)
+        return (structures[:, None] * self.block + torch.arange(self.block, device=structures.device)).reshape(-1)
+
 
 @dataclass(frozen=True)
 class StructureGroup:
@@ -122,7 +127,7 @@ class ModelAdapter:
             raise ValueError(f"{group.name}: at least one structure must remain")
         for part in group.parts:
             lin = self.module(part.linear)
-            idx = (keep[:, None] * part.block + torch.arange(part.block)[None, :]).reshape(-1)
+            idx = part.indices(keep)
             new = slice_linear(lin, rows=idx) if part.axis == "row" else slice_linear(lin, cols=idx)
             self._set_linear(part.linear, new)
         self._after_resize(group.layer)

@@ -387,7 +387,7 @@ def flap(ctx: Context) -> None:
             for g, r in zip(groups, removed):
                 if r.numel():
                     part = _output_part(g)
-                    cols = (r[:, None] * part.block + torch.arange(part.block)[None, :]).reshape(-1)
+                    cols = part.indices(r)
                     w = adapter.module(part.linear).weight
                     shifts.append((part.linear, bias_shift(w, stats[part.linear].mean, cols)))
             _add_zero_biases(ctx.model, added)

@@ -204,7 +204,7 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
             est += float(c[rm.to(c.device)].sum())
             for p in g.parts:
                 lin = adapter.module(p.linear)
-                idx = (rm[:, None] * p.block + torch.arange(p.block)[None, :]).reshape(-1).to(lin.weight.device)
+                idx = p.indices(rm).to(lin.weight.device)
                 if cfg.update:
                     W = lin.weight.detach().float()
                     if p.axis == "row":
