@@ -161,6 +161,8 @@ def prune(
     report.params_before = sum(r["params_before"] for r in report.modules.values())
     if resume_state and resume_state.get("_report"):
         _continue_report(report, resume_state["_report"])
+        prev_kept = resume_state["_report"].get("extra", {}).get("kept_structures", {})
+        adapter.kept = {k: torch.tensor(v, dtype=torch.long) for k, v in prev_kept.items()}
     ctx = Context(model=model, adapter=adapter, config=config, calibration=windows, device=device, report=report,
                   batch_size=batch_size, autocast_dtype=autocast, progress=progress, on_shot=on_shot,
                   checkpoint=checkpoint, resume_state=resume_state)
@@ -209,3 +211,5 @@ def finalize_report(report: Report, adapter: Any, *, structured: bool) -> None:
             rec["params_after"] = w.numel() if structured else int(torch.count_nonzero(w))
             rec["shape"] = list(w.shape)
     report.params_after = sum(r["params_after"] for r in report.modules.values())
+    if adapter.kept:  # which heads/channels survived, by their index in the model as given
+        report.extra["kept_structures"] = {k: v.tolist() for k, v in sorted(adapter.kept.items())}

@@ -225,6 +225,26 @@ def test_structured_magnitude_meets_the_budget(family, sparsity, calib):
     assert torch.isfinite(logits).all()
 
 
+def test_kept_structures_name_the_original_rows_and_columns(calib):
+    """Magnitude changes no weight, so each kept structure's slices are the original model's, and the
+    report's ``kept_structures`` says which they were."""
+    model = make_llama()
+    original = {n: m.weight.detach().clone() for n, m in adapter_for(model).linears().items()}
+    report = surgeon.prune(model, MagnitudeConfig(sparsity=0.4, structure="structured"), calib, device="cpu",
+                           progress=False)
+    kept = report.extra["kept_structures"]
+    adapter = adapter_for(model)
+    groups = {g.name: g for g in adapter.structure_groups()}
+    assert set(kept) <= set(groups) and any(len(v) < max(v, default=0) + 1 for v in kept.values())
+    for name, g in groups.items():
+        idx = torch.tensor(kept.get(name, range(g.count)))
+        assert idx.numel() == g.count and bool((idx[1:] > idx[:-1]).all())
+        for part in g.parts:
+            W = adapter.module(part.linear).weight
+            want = original[part.linear].index_select(0 if part.axis == "row" else 1, part.indices(idx))
+            assert torch.equal(W, want), part.linear
+
+
 # -- every method end to end ---------------------------------------------------------------------
 
 CONFIGS = {

@@ -89,6 +89,8 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, calib4, family, str
     assert [s["shot"] for s in report.shots] == [1, 2, 3]
     assert [s["achieved_sparsity"] for s in report.shots] == [s["achieved_sparsity"] for s in ref_report.shots]
     assert report.extra["resumed"] == 1
+    assert report.extra.get("kept_structures") == ref_report.extra.get("kept_structures")
+    assert (structure == "structured") == ("kept_structures" in report.extra)
     assert ckpt.load_state()["next_shot"] == 3  # the resumed run kept checkpointing
     ckpt.clear()
     assert not ckpt.exists() and not (tmp_path / "ckpt").exists()

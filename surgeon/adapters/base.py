@@ -73,6 +73,8 @@ class ModelAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        #: group name -> indices, in the model as it was first given, of the structures still there
+        self.kept: dict[str, torch.Tensor] = {}
 
     #: module path of the decoder layers, e.g. ``model.layers``
     layer_prefix: str = ""
@@ -131,6 +133,7 @@ class ModelAdapter:
             new = slice_linear(lin, rows=idx) if part.axis == "row" else slice_linear(lin, cols=idx)
             self._set_linear(part.linear, new)
         self._after_resize(group.layer)
+        self.kept[group.name] = self.kept.get(group.name, torch.arange(group.count))[keep]
 
     def _after_resize(self, layer: int) -> None:
         """Update module attributes that cache sizes (e.g. a head count used in ``view``)."""

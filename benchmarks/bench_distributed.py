@@ -1,0 +1,185 @@
+"""One GPU against two: data-parallel calibration of structured LLM Surgeon on SmolLM2-135M.
+
+    python benchmarks/bench_distributed.py run --tag 1gpu --dir /tmp/dp                        # one process
+    torchrun --nproc_per_node 2 benchmarks/bench_distributed.py run --tag 2gpu --dir /tmp/dp   # two ranks
+    python benchmarks/bench_distributed.py compare --dir /tmp/dp                               # the table
+
+Both runs prune to 80% size in 8 shots of 2.5% (the committed structured protocol of bench_smollm2.py)
+on the same seeded calibration windows. With two ranks each rank runs the curvature passes over its
+half of the windows and the factors are all-reduced; everything after that is the one-process
+computation on every rank. ``compare`` checks that the kept heads and channels are identical, how far
+the weights are apart, the perplexities, and the calibration throughput: tokens through the curvature
+passes (all shots, all ranks) per second of the slowest rank's curvature phase, reduction included.
+
+``--dry-run`` does the same on a tiny random Llama on the CPU (gloo), to test the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import surgeon  # noqa: E402
+from surgeon import data, distributed, evaluate  # noqa: E402
+from surgeon.adapters import adapter_for  # noqa: E402
+from surgeon.report import versions  # noqa: E402
+
+#: Weights of the two runs are compared relative to the largest weight of each linear; the curvature
+#: sums differ only in the order of additions, which the inverses and OBS updates of 8 shots amplify.
+WEIGHT_RTOL = 1e-3
+
+
+def _setup(args: argparse.Namespace) -> torch.device:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=20))
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    if args.dry_run:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randint(0, 128, (args.nsamples, args.seqlen), generator=g)
+        test = torch.randint(0, 128, (4 * args.seqlen,), generator=g)
+        return model, calib, test, "tiny random Llama (dry run)"
+    from surgeon.models import load_gguf
+
+    model, tok = load_gguf()
+    calib = data.calibration_windows(tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
+    return model, calib, data.wikitext2_test_ids(tok), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
+
+
+def run(args: argparse.Namespace) -> None:
+    device = _setup(args)
+    model, calib, test, model_name = _model_and_data(args)
+    cfg = surgeon.SurgeonConfig(sparsity=round(args.steps * args.step, 6), structure="structured", shots=args.steps,
+                                seed=0)
+    report = surgeon.prune(model, cfg, calib, device=device, batch_size=args.batch_size,
+                           progress=distributed.is_main())
+    curvature_s = torch.tensor([report.phases["curvature"]["wall_s"]], dtype=torch.float64, device=device)
+    weights = adapter_for(model).linears()
+    # one fingerprint of every rank's result: identical on all ranks unless the ranks diverged
+    fingerprint = torch.tensor([sum(float(m.weight.detach().double().sum()) for m in weights.values())],
+                               dtype=torch.float64, device=device)
+    world = distributed.world_size()
+    if world > 1:
+        dist.all_reduce(curvature_s, op=dist.ReduceOp.MAX)
+        prints = [torch.zeros_like(fingerprint) for _ in range(world)]
+        dist.all_gather(prints, fingerprint)
+        ranks_agree = all(torch.equal(p, fingerprint) for p in prints)
+    else:
+        ranks_agree = True
+    if distributed.is_main():
+        tokens = args.steps * calib.numel()
+        out = Path(args.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({n: m.weight.detach().float().cpu() for n, m in weights.items()}, out / f"{args.tag}.pt")
+        t0 = time.perf_counter()
+        ppl = evaluate.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size)
+        rec = {
+            "tag": args.tag, "world_size": world, "backend": distributed.backend() or "none",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "model": model_name, "ppl": round(ppl, 4), "eval_s": round(time.perf_counter() - t0, 2),
+            "achieved": round(report.size, 5), "wall_s": round(report.wall_s, 2),
+            "curvature_s": round(float(curvature_s), 3), "curvature_tokens": tokens,
+            "calibration_tokens_per_s": round(tokens / float(curvature_s)),
+            "phases_s": {k: round(v["wall_s"], 2) for k, v in report.phases.items()},
+            "peak_gpu_gb": round(report.peak_gpu_gb, 2), "ranks_agree": ranks_agree,
+            "kept_structures": report.extra["kept_structures"],
+            "command": " ".join(["torchrun" if world > 1 else Path(sys.executable).name] + sys.argv),
+        }
+        (out / f"{args.tag}.json").write_text(json.dumps(rec))
+        print(json.dumps({k: v for k, v in rec.items() if k != "kept_structures"}), flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    d = Path(args.dir)
+    one, two = (json.loads((d / f"{t}.json").read_text()) for t in (args.one, args.two))
+    w1, w2 = (torch.load(d / f"{t}.pt") for t in (args.one, args.two))
+    same_masks = one["kept_structures"] == two["kept_structures"]
+    rel = 0.0
+    if same_masks and w1.keys() == w2.keys():
+        rel = max(float((w1[n] - w2[n]).abs().max() / w1[n].abs().max().clamp_min(1e-30)) for n in w1)
+    speedup = two["calibration_tokens_per_s"] / one["calibration_tokens_per_s"]
+    rows = []
+    for r in (one, two):
+        rows.append({
+            "method": "llm-surgeon", "structure": "structured", "target": round(1 - args.steps * args.step, 4),
+            "target_kind": "size", "achieved": r["achieved"], "ppl": r["ppl"], "wall_s": r["wall_s"],
+            "peak_gpu_gb": r["peak_gpu_gb"], "gpus": r["world_size"], "curvature_s": r["curvature_s"],
+            "calibration_tokens_per_s": r["calibration_tokens_per_s"], "phases_s": r["phases_s"],
+            "ranks_agree": r["ranks_agree"], "command": r["command"],
+        })
+    rows[1].update({"calibration_speedup_2gpu": round(speedup, 3), "masks_identical": same_masks,
+                    "max_weight_diff_rel": rel, "weights_within_tolerance": same_masks and rel <= WEIGHT_RTOL,
+                    "ppl_diff": round(two["ppl"] - one["ppl"], 4)})
+    result = {
+        "benchmark": "distributed", "command": "; ".join(r["command"] for r in (one, two)) + "; "
+                   + " ".join(["python"] + sys.argv),
+        "date": dt.date.today().isoformat(), "device": f"{two['world_size']} x {two['device']}",
+        "versions": versions(), "model": two["model"],
+        "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0, "
+                                    f"batch {args.batch_size} per rank",
+                     "eval": f"wikitext2-test raw, seqlen {args.seqlen}",
+                     "schedule": f"{args.steps} shots of {args.step} size, fp32 weights, bf16-autocast calibration",
+                     "tolerance": f"max |W_2gpu - W_1gpu| / max |W_1gpu| per linear <= {WEIGHT_RTOL}"},
+        "rows": rows,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(rows[1], indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("run", "compare"))
+    p.add_argument("--dir", required=True, help="where runs leave their weights and records")
+    p.add_argument("--tag", default="run", help="name of this run's files (run)")
+    p.add_argument("--one", default="1gpu", help="tag of the one-process run (compare)")
+    p.add_argument("--two", default="2gpu", help="tag of the two-rank run (compare)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="shots")
+    p.add_argument("--step", type=float, default=0.025, help="size removed per shot")
+    p.add_argument("--dry-run", action="store_true", help="tiny random model on the CPU")
+    p.add_argument("--out", default=None, help="compare: results JSON (default benchmarks/results/distributed.json)")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.nsamples, args.seqlen, args.batch_size, args.steps, args.step = 8, 32, 2, 2, 0.1
+    if args.mode == "run":
+        run(args)
+    else:
+        if args.out is None and not args.dry_run:
+            args.out = "benchmarks/results/distributed.json"
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
