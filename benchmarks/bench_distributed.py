@@ -9,7 +9,13 @@ on the same seeded calibration windows. With two ranks each rank runs the curvat
 half of the windows and the factors are all-reduced; everything after that is the one-process
 computation on every rank. ``compare`` checks that the kept heads and channels are identical, how far
 the weights are apart, the perplexities, and the calibration throughput: tokens through the curvature
-passes (all shots, all ranks) per second of the slowest rank's curvature phase, reduction included.
+passes (all ranks) per second of the slowest rank's curvature phase, reduction included, over all
+shots and over shots 2.. (the first shot also pays for one-off CUDA/cuBLAS start-up).
+
+The factors are summed in float64 by default (``accumulate="float64"``): fp32 sums of the same batches
+split over ranks round differently, and over eight shots such differences can flip a structure at the
+threshold. ``--attention math`` also makes the backward pass bit-reproducible (the fused flash
+attention backward adds with atomics, so even one process does not repeat itself bit for bit).
 
 ``--dry-run`` does the same on a tiny random Llama on the CPU (gloo), to test the script itself.
 """
@@ -17,11 +23,13 @@ passes (all shots, all ranks) per second of the slowest rank's curvature phase, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +56,19 @@ def _setup(args: argparse.Namespace) -> torch.device:
         torch.cuda.set_device(local)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=20))
+        dist.barrier()  # communicators are created here, not inside the first timed reduction
     return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _attention(kind: str) -> Iterator[None]:
+    if kind == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    else:
+        yield
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
@@ -74,10 +94,12 @@ def run(args: argparse.Namespace) -> None:
     device = _setup(args)
     model, calib, test, model_name = _model_and_data(args)
     cfg = surgeon.SurgeonConfig(sparsity=round(args.steps * args.step, 6), structure="structured", shots=args.steps,
-                                seed=0)
-    report = surgeon.prune(model, cfg, calib, device=device, batch_size=args.batch_size,
-                           progress=distributed.is_main())
-    curvature_s = torch.tensor([report.phases["curvature"]["wall_s"]], dtype=torch.float64, device=device)
+                                seed=0, accumulate=args.accumulate)
+    with _attention(args.attention):
+        report = surgeon.prune(model, cfg, calib, device=device, batch_size=args.batch_size,
+                               progress=distributed.is_main())
+    # per shot, the curvature phase of the slowest rank
+    curvature_s = torch.tensor([s["phases_s"]["curvature"] for s in report.shots], dtype=torch.float64, device=device)
     weights = adapter_for(model).linears()
     # one fingerprint of every rank's result: identical on all ranks unless the ranks diverged
     fingerprint = torch.tensor([sum(float(m.weight.detach().double().sum()) for m in weights.values())],
@@ -92,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
         ranks_agree = True
     if distributed.is_main():
         tokens = args.steps * calib.numel()
+        steady_s = float(curvature_s[1:].sum()) if args.steps > 1 else float(curvature_s.sum())
         out = Path(args.dir)
         out.mkdir(parents=True, exist_ok=True)
         torch.save({n: m.weight.detach().float().cpu() for n, m in weights.items()}, out / f"{args.tag}.pt")
@@ -102,8 +125,10 @@ def run(args: argparse.Namespace) -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "model": model_name, "ppl": round(ppl, 4), "eval_s": round(time.perf_counter() - t0, 2),
             "achieved": round(report.size, 5), "wall_s": round(report.wall_s, 2),
-            "curvature_s": round(float(curvature_s), 3), "curvature_tokens": tokens,
-            "calibration_tokens_per_s": round(tokens / float(curvature_s)),
+            "accumulate": args.accumulate, "attention": args.attention,
+            "curvature_s": round(float(curvature_s.sum()), 3), "curvature_s_per_shot": [round(float(t), 3) for t in curvature_s],
+            "curvature_tokens": tokens, "calibration_tokens_per_s": round(tokens / float(curvature_s.sum())),
+            "calibration_tokens_per_s_steady": round(calib.numel() * max(args.steps - 1, 1) / steady_s),
             "phases_s": {k: round(v["wall_s"], 2) for k, v in report.phases.items()},
             "peak_gpu_gb": round(report.peak_gpu_gb, 2), "ranks_agree": ranks_agree,
             "kept_structures": report.extra["kept_structures"],
@@ -116,43 +141,65 @@ def run(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def _pair(d: Path, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """How run ``b`` differs from run ``a``: kept structures, weights, perplexity, throughput."""
+    ka, kb = a["kept_structures"], b["kept_structures"]
+    differ = sum(len(set(ka.get(g, [])) ^ set(kb.get(g, []))) for g in set(ka) | set(kb))
+    rel = None
+    if differ == 0:
+        wa, wb = torch.load(d / f"{a['tag']}.pt"), torch.load(d / f"{b['tag']}.pt")
+        rel = max(float((wa[n] - wb[n]).abs().max() / wa[n].abs().max().clamp_min(1e-30)) for n in wa)
+    out = {"runs": f"{a['tag']} vs {b['tag']}", "gpus": f"{a['world_size']} vs {b['world_size']}",
+           "accumulate": b["accumulate"], "attention": b["attention"], "masks_identical": differ == 0,
+           "structures_differing": differ, "max_weight_diff_rel": rel,
+           "weights_within_tolerance": rel is not None and rel <= WEIGHT_RTOL,
+           "ppl": [a["ppl"], b["ppl"]], "ppl_diff": round(b["ppl"] - a["ppl"], 4)}
+    if b["world_size"] > a["world_size"]:
+        out["calibration_speedup_2gpu"] = round(b["calibration_tokens_per_s_steady"] / a["calibration_tokens_per_s_steady"], 3)
+        out["calibration_speedup_2gpu_all_shots"] = round(b["calibration_tokens_per_s"] / a["calibration_tokens_per_s"], 3)
+    return out
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     d = Path(args.dir)
-    one, two = (json.loads((d / f"{t}.json").read_text()) for t in (args.one, args.two))
-    w1, w2 = (torch.load(d / f"{t}.pt") for t in (args.one, args.two))
-    same_masks = one["kept_structures"] == two["kept_structures"]
-    rel = 0.0
-    if same_masks and w1.keys() == w2.keys():
-        rel = max(float((w1[n] - w2[n]).abs().max() / w1[n].abs().max().clamp_min(1e-30)) for n in w1)
-    speedup = two["calibration_tokens_per_s"] / one["calibration_tokens_per_s"]
+    pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
+    tags = list(dict.fromkeys(t for p in pairs for t in p))
+    runs = {t: json.loads((d / f"{t}.json").read_text()) for t in tags}
     rows = []
-    for r in (one, two):
+    for t in tags:
+        r = runs[t]
         rows.append({
             "method": "llm-surgeon", "structure": "structured", "target": round(1 - args.steps * args.step, 4),
             "target_kind": "size", "achieved": r["achieved"], "ppl": r["ppl"], "wall_s": r["wall_s"],
-            "peak_gpu_gb": r["peak_gpu_gb"], "gpus": r["world_size"], "curvature_s": r["curvature_s"],
-            "calibration_tokens_per_s": r["calibration_tokens_per_s"], "phases_s": r["phases_s"],
+            "peak_gpu_gb": r["peak_gpu_gb"], "run": t, "gpus": r["world_size"], "accumulate": r["accumulate"],
+            "attention": r["attention"], "curvature_s": r["curvature_s"], "curvature_s_per_shot": r["curvature_s_per_shot"],
+            "calibration_tokens_per_s": r["calibration_tokens_per_s"],
+            "calibration_tokens_per_s_steady": r["calibration_tokens_per_s_steady"], "phases_s": r["phases_s"],
             "ranks_agree": r["ranks_agree"], "command": r["command"],
         })
-    rows[1].update({"calibration_speedup_2gpu": round(speedup, 3), "masks_identical": same_masks,
-                    "max_weight_diff_rel": rel, "weights_within_tolerance": same_masks and rel <= WEIGHT_RTOL,
-                    "ppl_diff": round(two["ppl"] - one["ppl"], 4)})
+    comparisons = [_pair(d, runs[a], runs[b]) for a, b in pairs]
+    for c in comparisons:  # the two-GPU row carries the headline figures
+        if "calibration_speedup_2gpu" in c:
+            row = next(r for r in rows if r["run"] == c["runs"].split(" vs ")[1])
+            row.update({k: c[k] for k in ("calibration_speedup_2gpu", "calibration_speedup_2gpu_all_shots",
+                                          "masks_identical", "structures_differing", "max_weight_diff_rel")})
+    last = runs[tags[-1]]
     result = {
-        "benchmark": "distributed", "command": "; ".join(r["command"] for r in (one, two)) + "; "
+        "benchmark": "distributed", "command": "; ".join(runs[t]["command"] for t in tags) + "; "
                    + " ".join(["python"] + sys.argv),
-        "date": dt.date.today().isoformat(), "device": f"{two['world_size']} x {two['device']}",
-        "versions": versions(), "model": two["model"],
+        "date": dt.date.today().isoformat(), "device": f"{max(r['world_size'] for r in runs.values())} x {last['device']}",
+        "versions": versions(), "model": last["model"],
         "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0, "
                                     f"batch {args.batch_size} per rank",
                      "eval": f"wikitext2-test raw, seqlen {args.seqlen}",
                      "schedule": f"{args.steps} shots of {args.step} size, fp32 weights, bf16-autocast calibration",
                      "tolerance": f"max |W_2gpu - W_1gpu| / max |W_1gpu| per linear <= {WEIGHT_RTOL}"},
-        "rows": rows,
+        "rows": rows, "comparisons": comparisons,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(rows[1], indent=1))
+    print(json.dumps(comparisons, indent=1))
     return result
 
 
@@ -161,8 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mode", choices=("run", "compare"))
     p.add_argument("--dir", required=True, help="where runs leave their weights and records")
     p.add_argument("--tag", default="run", help="name of this run's files (run)")
-    p.add_argument("--one", default="1gpu", help="tag of the one-process run (compare)")
-    p.add_argument("--two", default="2gpu", help="tag of the two-rank run (compare)")
+    p.add_argument("--pairs", default="1gpu:2gpu", help="compare: comma-separated TAG_A:TAG_B runs to compare "
+                   "(the first of a one/two-GPU pair is the baseline)")
+    p.add_argument("--accumulate", choices=("float32", "float64"), default="float64", help="dtype of the K-FAC sums")
+    p.add_argument("--attention", choices=("sdpa", "math"), default="sdpa",
+                   help="'math' forces the deterministic SDPA backend during pruning")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                 b.run(method, structure, 0.5)
         for structure in ("unstructured", "2:4"):
             b.run("k-obd", structure, 0.5, shots=args.shots)
-        b.run("llm-surgeon", "unstructured", 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
+        for structure in ("unstructured", "2:4"):
+            b.run("llm-surgeon", structure, 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
     print(f"wrote {args.out}")
 
 

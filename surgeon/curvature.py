@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .linalg import damped_inverse
 
-__all__ = ["KFACCollector", "KFactors", "equalize_norms", "estimate_kfac"]
+__all__ = ["KFACCollector", "KFactors", "cast_factors", "equalize_norms", "estimate_kfac"]
 
 _IGNORE = -100
 
@@ -94,6 +94,7 @@ class KFACCollector:
         share_inputs: bool = True,
         tf32: bool = False,
         gradients: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if not modules:
             raise ValueError("no modules to collect curvature for")
@@ -105,6 +106,9 @@ class KFACCollector:
         self._share = share_inputs
         self._tf32 = tf32
         self._gradients = gradients
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"factor sums must be float32 or float64, got {dtype}")
+        self._dtype = dtype
         self._A: dict[str, Tensor] = {}  # keyed by the module that owns the (possibly shared) accumulator
         self._G: dict[str, Tensor] = {}
         self._nA: dict[str, int] = {}
@@ -206,7 +210,8 @@ class KFACCollector:
         for name in self._modules:
             owner = self._owner[name]
             A = self._A[owner]
-            G = self._G[name] if self._gradients else torch.eye(self._modules[name].out_features, device=A.device)
+            G = self._G[name] if self._gradients else torch.eye(self._modules[name].out_features, device=A.device,
+                                                                 dtype=A.dtype)
             result[name] = KFactors(A=A, G=G, n_tokens=self._nA[owner])
         self._result = result
         self._A, self._G, self._staging = {}, {}, {}
@@ -272,12 +277,12 @@ class KFACCollector:
         try:
             # Hooks run inside the caller's autocast region, which would turn the product into bf16.
             with torch.autocast(device_type=rows.device.type, enabled=False):
-                if acc is not None and acc.device == rows.device:
+                if acc is not None and acc.device == rows.device and acc.dtype == rows.dtype:
                     acc.addmm_(rows.T, rows)
-                else:
+                else:  # each batch's product in fp32; float64 sums are exact whatever their order
                     prod = rows.T @ rows
                     if acc is None:
-                        accs[name] = prod.to(target)
+                        accs[name] = prod.to(target, dtype=self._dtype)
                     else:
                         acc.add_(self._to_host(prod) if target.type == "cpu" else prod.to(target))
         finally:
@@ -313,6 +318,7 @@ def estimate_kfac(
     share_inputs: bool = True,
     tf32: bool = False,
     gradients: bool = True,
+    dtype: torch.dtype = torch.float32,
     progress: Any = None,
 ) -> dict[str, KFactors]:
     """K-FAC factors of ``modules`` from forward+backward passes of ``model`` over ``batches``.
@@ -322,7 +328,9 @@ def estimate_kfac(
     ``fisher="empirical"`` backpropagates the summed next-token loss of the true labels;
     ``"sampled"`` draws each label from the model's own predictive distribution (the true Fisher),
     seeded by ``generator`` or ``seed``. ``autocast_dtype`` runs the model under autocast; factors
-    stay fp32. ``device``/``offload``/``share_inputs``/``tf32``/``gradients`` are passed to
+    stay fp32 (``dtype=torch.float64`` sums them in float64: exact up to the final rounding, so the
+    same windows give the same factors in any order or split over data-parallel ranks).
+    ``device``/``offload``/``share_inputs``/``tf32``/``gradients`` are passed to
     :class:`KFACCollector`; with ``gradients=False`` only forward passes run (G = I).
     ``progress`` is a callable ``(i, n)`` (``n`` is None for unsized iterables) or has ``update(1)``.
 
@@ -354,7 +362,7 @@ def estimate_kfac(
                 p.requires_grad_(False)
             handle = embed.register_forward_hook(_require_grad)
         with KFACCollector(modules, device=device, offload=offload, share_inputs=share_inputs, tf32=tf32,
-                           gradients=gradients) as col:
+                           gradients=gradients, dtype=dtype) as col:
             with torch.set_grad_enabled(gradients):
                 for i, batch in enumerate(batches):
                     ids, attn = _unpack(batch, model_device)
@@ -448,6 +456,18 @@ def _report(progress: Any, i: int, total: int | None) -> None:
 
 
 # -- post-processing ------------------------------------------------------------------------------------
+
+
+def cast_factors(factors: Mapping[str, KFactors], dtype: torch.dtype) -> dict[str, KFactors]:
+    """``factors`` in ``dtype``; tensors shared between linears (one input, one A) stay shared."""
+    cast: dict[int, Tensor] = {}
+
+    def one(t: Tensor) -> Tensor:
+        if id(t) not in cast:
+            cast[id(t)] = t.to(dtype)
+        return cast[id(t)]
+
+    return {n: KFactors(A=one(f.A), G=one(f.G), n_tokens=f.n_tokens) for n, f in factors.items()}
 
 
 def equalize_norms(factors: Mapping[str, KFactors]) -> dict[str, KFactors]:

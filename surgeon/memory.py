@@ -294,6 +294,8 @@ def plan(
     biggest = 4 * widest**2
     add("K-FAC factors", fbytes, "host" if offload else dev, PHASES,
         "G: R^2 per linear, A: C^2 per shared input, fp32")
+    if getattr(config, "accumulate", "float32") == "float64":
+        add("float64 factor sums", 2 * fbytes, "host" if offload else dev, cur, "cast to the fp32 factors after the pass")
     if offload and dev == "gpu":
         add("factor product before offload", biggest, dev, cur)
         add("factor product copies", 2 * biggest, "host", cur, "pageable copy and pinned staging")

@@ -7,7 +7,8 @@ import torch
 import transformers
 from torch import nn
 
-from surgeon.curvature import KFACCollector, KFactors, equalize_norms, estimate_kfac
+from surgeon.adapters import adapter_for
+from surgeon.curvature import KFACCollector, KFactors, cast_factors, equalize_norms, estimate_kfac
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -273,3 +274,26 @@ def test_activations_only_needs_no_backward(tiny_llama):
     for name, mod in modules.items():
         torch.testing.assert_close(fwd[name].A, full[name].A)
         assert torch.equal(fwd[name].G, torch.eye(mod.out_features))
+
+
+def test_float64_sums_do_not_depend_on_the_order_of_batches():
+    """fp32 sums of the same batches in another order round differently; float64 sums, cast back to
+    fp32, are identical, which is what lets data-parallel ranks reproduce one process."""
+    from conftest import make_llama
+
+    model = make_llama(seed=3)
+    linears = adapter_for(model).linears()
+    batches = list(torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1)).split(1))
+    fwd = estimate_kfac(model, linears, batches, dtype=torch.float64)
+    rev = estimate_kfac(model, linears, batches[::-1], dtype=torch.float64)
+    f32 = estimate_kfac(model, linears, batches)
+    for name in linears:
+        assert fwd[name].A.dtype == fwd[name].G.dtype == torch.float64
+        assert torch.equal(fwd[name].A.float(), rev[name].A.float())
+        assert torch.equal(fwd[name].G.float(), rev[name].G.float())
+        torch.testing.assert_close(fwd[name].A.float(), f32[name].A, rtol=1e-5, atol=1e-6 * float(f32[name].A.abs().max()))
+    cast = cast_factors(fwd, torch.float32)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert cast[q].A is cast[k].A and cast[q].A.dtype == torch.float32  # one input, one A, still shared
+    with pytest.raises(ValueError, match="float32 or float64"):
+        estimate_kfac(model, linears, batches, dtype=torch.float16)

@@ -100,6 +100,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             assert "differ between ranks" in str(e)
         torch.save({"factors": {n: (f.A, f.G, f.n_tokens) for n, f in everywhere.items()}},
                    Path(out) / f"factors{rank}.pt")
+        exact = distributed.reduce_factors(estimate_kfac(model, linears, list(mine.split(1)), dtype=torch.float64))
+        torch.save({n: (f.A.float(), f.G.float()) for n, f in exact.items()}, Path(out) / f"exact{rank}.pt")
         for structure in ("structured", "unstructured"):
             torch.save(_prune(structure), Path(out) / f"{structure}{rank}.pt")
     finally:
@@ -159,6 +161,11 @@ def test_two_ranks_prune_like_one_process(tmp_path, monkeypatch):
         assert torch.equal(A0, A1) and torch.equal(G0, G1)
         torch.testing.assert_close(A0, f.A, rtol=1e-5, atol=1e-6 * float(f.A.abs().max()))
         torch.testing.assert_close(G0, f.G, rtol=1e-5, atol=1e-6 * float(f.G.abs().max()))
+    # summed in float64, the factors are those of one process to the last bit of their fp32 values
+    exact = estimate_kfac(model, adapter_for(model).linears(), list(_calibration().split(1)), dtype=torch.float64)
+    for r in range(WORLD):
+        for name, (A, G) in torch.load(tmp_path / f"exact{r}.pt").items():
+            assert torch.equal(A, exact[name].A.float()) and torch.equal(G, exact[name].G.float()), name
 
     for structure in ("structured", "unstructured"):
         ranks = [torch.load(tmp_path / f"{structure}{r}.pt") for r in range(WORLD)]

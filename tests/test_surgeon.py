@@ -156,3 +156,35 @@ def test_select_budget_matches_reference(raw, weights, budget):
     want = _reference_budget(costs, weights, budget, 1)
     assert [g.tolist() for g in got] == want
     assert sum(len(g) * w for g, w in zip(got, weights)) <= budget
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_nm_allocation_paces_shots_and_ends_on_the_exact_pattern(allocation, nm, calib):
+    """'layer' removes the same share of every linear's final quota per shot; 'global' lets one
+    threshold choose; both end on the exact N:M pattern."""
+    n, m = nm
+    model = make_llama(seed=2)
+    seen = []
+
+    def after(rec):
+        if rec["shot"] == 1:
+            seen.append({k: int((lin.weight == 0).sum()) for k, lin in adapter_for(model).linears().items()})
+
+    cfg = SurgeonConfig(structure=f"{n}:{m}", shots=4, nm_allocation=allocation)
+    surgeon.prune(model, cfg, calib, device="cpu", progress=False, on_shot=after)
+    linears = adapter_for(model).linears()
+    for name, lin in linears.items():
+        w = lin.weight
+        assert int((w.view(w.shape[0], -1, m) == 0).sum(-1).min()) == m - n, name  # exactly M - N per group
+    if allocation == "layer":
+        for name, lin in linears.items():
+            assert seen[0][name] == lin.weight.numel() * (m - n) // m // 4, name
+    else:
+        total = sum(lin.weight.numel() for lin in linears.values())
+        assert sum(seen[0].values()) == int(total * (m - n) / m / 4)
+
+
+def test_nm_allocation_is_checked():
+    with pytest.raises(ValueError, match="nm_allocation"):
+        SurgeonConfig(structure="2:4", nm_allocation="per-row")

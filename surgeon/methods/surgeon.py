@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend, distributed
 from ..config import MethodConfig, option
-from ..curvature import KFactors, equalize_norms, estimate_kfac
+from ..curvature import KFactors, cast_factors, equalize_norms, estimate_kfac
 from ..linalg import damped_inverse
 from ..lowrank import lowrank_update
 from ..memory import activation_checkpointing
@@ -45,9 +45,13 @@ class SurgeonConfig(MethodConfig):
     max_correlate: int = option(2000, "most weights solved jointly in one 'full' update chunk")
     equalize: bool = option(True, "rescale G and A to equal Frobenius norm (G ⊗ A unchanged)")
     offload_factors: bool = option(False, "accumulate the K-FAC factors in host memory")
+    accumulate: str = option("float32", "dtype of the K-FAC sums: 'float64' sums exactly whatever the order, so a "
+                                        "data-parallel run gets the factors of one process (twice the factor memory)")
     lowrank_rank: int = option(0, "rank of the low-rank update fine-tuned between shots (0 = off)")
     lowrank_steps: int = option(20, "optimizer steps of each low-rank update")
     lowrank_lr: float = option(1e-4, "learning rate of the low-rank update (Adam)")
+    nm_allocation: str = option("layer", "N:M shots before the last: 'layer' moves every linear toward its pattern at "
+                                         "the same pace; 'global' lets one threshold across layers choose")
     align: int = option(1, "structured: round each layer's MLP width to a multiple of this in the last shot "
                            "(8 or 64 suit GPU matrix units; 1 = exact size)")
 
@@ -56,7 +60,8 @@ class SurgeonConfig(MethodConfig):
         if self.shots < 1:
             raise ValueError(f"shots must be >= 1, got {self.shots}")
         checks = {"schedule": ("linear", "cubic", "exponential"), "fisher": ("empirical", "sampled"),
-                  "curvature": ("kfac", "activations"), "correlation": ("full", "row", "none")}
+                  "curvature": ("kfac", "activations"), "correlation": ("full", "row", "none"),
+                  "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "global")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -109,11 +114,13 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
                 ctx.model, modules, batches, fisher=cfg.fisher, seed=distributed.rank_seed(cfg.seed + shot),
                 autocast_dtype=ctx.autocast_dtype, device=ctx.device, offload=cfg.offload_factors,
                 tf32=ctx.device.type == "cuda", gradients=cfg.curvature == "kfac",
-                progress=lambda i, n: bar.update(1),
+                dtype=getattr(torch, cfg.accumulate), progress=lambda i, n: bar.update(1),
             )
     finally:
         bar.close()
     factors = distributed.reduce_factors(factors)
+    if cfg.accumulate != "float32":  # summed exactly; the rest of the shot works in fp32 as usual
+        factors = cast_factors(factors, torch.float32)
     if cfg.equalize:
         equalize_norms(factors)
     return factors
@@ -248,8 +255,14 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         if nm and final:  # complete every group to exactly M - N removed
             removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name].to(c.device)) for name, c in zip(names, costs)]
         else:
-            k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
-            picked = select_count(costs, k)
+            if nm and cfg.nm_allocation == "layer":
+                # each linear's share of its final M - N per group; a global threshold lets cheap layers
+                # reach the pattern early and leaves the others to the last shot, in one large step
+                frac = target_sparsity / cfg.sparsity
+                picked = [select_count([c], int(frac * (c.numel() * (m - n) // m)))[0] for c in costs]
+            else:
+                k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
+                picked = select_count(costs, k)
             removes = []
             for c, pos in zip(costs, picked):
                 mask = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
@@ -296,6 +309,7 @@ def run(ctx: Context) -> None:
         ctx.report.shots.extend(ctx.resume_state.get("shots", []))
     for shot in ctx.tqdm(range(start, cfg.shots), desc=f"{cfg.method} {cfg.structure}", initial=start, total=cfg.shots):
         t0 = time.perf_counter()
+        phases0 = {k: v["wall_s"] for k, v in ctx.report.phases.items()}
         target = float(targets[shot])
         if structured:
             rec = _shot_structured(ctx, shot, target, params0, final=shot == cfg.shots - 1)
@@ -307,7 +321,8 @@ def run(ctx: Context) -> None:
                                                      lr=cfg.lowrank_lr, masks=masks or None)
         current = ctx.adapter.prunable_params() if structured else sum(int(k.sum()) for k in masks.values())
         rec.update(shot=shot + 1, target_sparsity=target, achieved_sparsity=1 - current / params0,
-                   wall_s=time.perf_counter() - t0)
+                   wall_s=time.perf_counter() - t0,
+                   phases_s={k: v["wall_s"] - phases0.get(k, 0.0) for k, v in ctx.report.phases.items()})
         ctx.report.shots.append(rec)
         ctx.log.info("shot %d/%d: sparsity %.4f (target %.4f), est. loss %.4g, %.1fs", shot + 1, cfg.shots,
                      rec["achieved_sparsity"], target, rec["estimated_loss"], rec["wall_s"])
