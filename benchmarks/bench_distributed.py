@@ -55,7 +55,8 @@ def _setup(args: argparse.Namespace) -> torch.device:
     if cuda:
         torch.cuda.set_device(local)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=20))
+        kw = {"device_id": torch.device("cuda", local)} if cuda else {}  # NCCL need not guess the device
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=20), **kw)
         dist.barrier()  # communicators are created here, not inside the first timed reduction
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 

@@ -13,9 +13,9 @@ Rows (each in a fresh process, so that peak host memory belongs to that row alon
 - ``structured``: one shot of ``--step`` (default 0.05: 95% of the size remains), factors offloaded
   to the host when the memory plan says they do not fit on the device (``--offload``).
 - ``unstructured``: one shot of ``--step`` sparsity, factors offloaded, ``--correlation`` (default
-  ``row``) and ``--unstructured-layers`` (default 16): the loop holds the inverses and per-weight costs
-  of every layer at once, which for all 32 layers the plan puts at about 109 GiB, beyond one H100
-  (``auto`` picks the most layers the plan fits: 20 on an 80 GB card).
+  ``row``) and ``--unstructured-layers`` (default ``auto``: the most layers whose plan fits the GPU, all
+  32 on an 80 GB H100, where the plan puts the peak at 52 GiB of GPU and 111 GiB of host memory; the
+  per-weight costs wait on the host, so a 128 GiB host is the limit).
 
 Each row records ``report.phases`` (curvature = forward/backward with K-FAC hooks, costs = inversions
 and costs, threshold, update): ``wall_s``, ``peak_gpu_gb``, ``peak_host_gb``, and the plan's estimate
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="structured,unstructured")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, or 2 with --dry-run)")
-    p.add_argument("--unstructured-layers", default="16", help="layers of the unstructured row, or 'auto'")
+    p.add_argument("--unstructured-layers", default="auto", help="layers of the unstructured row, or 'auto'")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=2048)

@@ -22,7 +22,23 @@ def render(d: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
-    return "\n".join(head + [""] + lines) + "\n"
+    return "\n".join(head + [""] + lines + _phases(rows) + _records("comparisons", d.get("comparisons", []))) + "\n"
+
+
+def _records(title: str, recs: list[dict]) -> list[str]:
+    if not recs:
+        return []
+    cols = list(dict.fromkeys(k for r in recs for k in r))
+    out = ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return out + ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in recs]
+
+
+def _phases(rows: list[dict]) -> list[str]:
+    """One line per phase of the rows whose ``phases`` hold per-phase records (time, memory, estimates)."""
+    recs = [{"method": r["method"], "structure": r["structure"], "layers": r.get("layers"), "phase": ph, **v}
+            for r in rows if isinstance(r.get("phases"), dict)
+            for ph, v in r["phases"].items() if isinstance(v, dict)]
+    return _records("phases", recs)
 
 
 def main() -> None:
