@@ -77,6 +77,13 @@ def test_plan_places_and_sizes_components():
     json.dumps(on_gpu.to_dict())
     with pytest.raises(TypeError, match="K-FAC"):
         memory.plan(model, surgeon.MethodConfig(), (16, 32), device="cuda")
+    # float64 sums: twice the factors more while the curvature passes run, nothing after
+    exact = memory.plan(model, SurgeonConfig(structure="unstructured", sparsity=0.5, accumulate="float64"), (16, 32),
+                        device="cuda", batch_size=4)
+    sums = {i.name: i for i in exact.items}["float64 factor sums"]
+    assert sums.nbytes == 2 * names["K-FAC factors"].nbytes and sums.phases == ("curvature",)
+    gpu, gpu64 = on_gpu.totals("gpu"), exact.totals("gpu")
+    assert gpu64["curvature"] - gpu["curvature"] == sums.nbytes and gpu64["update"] == gpu["update"]
 
 
 def test_checkpointing_shrinks_the_activation_estimate():
