@@ -4,9 +4,10 @@ Launched with ``torchrun`` (NCCL on GPUs, gloo on CPUs), each rank runs the same
 same model. Only the calibration passes are split: rank r accumulates its K-FAC factors over its
 contiguous slice of the windows, and :func:`reduce_factors` turns the per-rank averages back into sums,
 adds them over ranks and divides by the global token count, so every rank ends up with the factors a
-single process would have computed (up to the order of floating-point additions). From there every
-rank prices the same structures with the same numbers and the global threshold picks the same masks
-everywhere; :func:`assert_same` checks that cheaply when ``SURGEON_DEBUG_DISTRIBUTED=1``.
+single process would have computed (up to the order of floating-point additions, which
+``accumulate="float64"`` takes out: its sums are exact before the final rounding to fp32). From there
+every rank prices the same structures with the same numbers and the global threshold picks the same
+masks everywhere; :func:`assert_same` checks that cheaply when ``SURGEON_DEBUG_DISTRIBUTED=1``.
 
 Inversions can also be spread: :func:`assign` balances layers over ranks (greedy longest processing
 time first), ``reduce_factors(..., owners=...)`` sums each factor onto its owner only, and
