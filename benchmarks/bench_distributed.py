@@ -102,17 +102,14 @@ def run(args: argparse.Namespace) -> None:
     # per shot, the curvature phase of the slowest rank
     curvature_s = torch.tensor([s["phases_s"]["curvature"] for s in report.shots], dtype=torch.float64, device=device)
     weights = adapter_for(model).linears()
-    # one fingerprint of every rank's result: identical on all ranks unless the ranks diverged
-    fingerprint = torch.tensor([sum(float(m.weight.detach().double().sum()) for m in weights.values())],
-                               dtype=torch.float64, device=device)
     world = distributed.world_size()
     if world > 1:
         dist.all_reduce(curvature_s, op=dist.ReduceOp.MAX)
-        prints = [torch.zeros_like(fingerprint) for _ in range(world)]
-        dist.all_gather(prints, fingerprint)
-        ranks_agree = all(torch.equal(p, fingerprint) for p in prints)
-    else:
+    try:  # every rank must hold the same pruned model (a no-op in one process)
+        distributed.assert_same("pruned weights", [m.weight.detach() for m in weights.values()])
         ranks_agree = True
+    except RuntimeError:
+        ranks_agree = False
     if distributed.is_main():
         tokens = args.steps * calib.numel()
         steady_s = float(curvature_s[1:].sum()) if args.steps > 1 else float(curvature_s.sum())
