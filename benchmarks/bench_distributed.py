@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -49,16 +48,9 @@ WEIGHT_RTOL = 1e-3
 
 
 def _setup(args: argparse.Namespace) -> torch.device:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if cuda:
-        torch.cuda.set_device(local)
-    if world > 1:
-        kw = {"device_id": torch.device("cuda", local)} if cuda else {}  # NCCL need not guess the device
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=20), **kw)
-        dist.barrier()  # communicators are created here, not inside the first timed reduction
-    return torch.device("cuda", local) if cuda else torch.device("cpu")
+    """This rank's device: under torchrun the process group is joined (NCCL, or gloo for --dry-run)."""
+    cpu = args.dry_run or not torch.cuda.is_available()
+    return distributed.init_from_env("cpu" if cpu else "cuda") or torch.device("cpu" if cpu else "cuda:0")
 
 
 @contextlib.contextmanager
@@ -134,9 +126,7 @@ def run(args: argparse.Namespace) -> None:
         }
         (out / f"{args.tag}.json").write_text(json.dumps(rec))
         print(json.dumps({k: v for k, v in rec.items() if k != "kept_structures"}), flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.finish()
 
 
 def _pair(d: Path, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -323,7 +323,8 @@ def _setup_logging(quiet: bool) -> Any:
 
 
 def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
-    from . import __version__
+    """Prune, in one process or as one rank of ``torchrun`` (data-parallel calibration; rank 0 writes)."""
+    from . import __version__, distributed
     from .api import prune, validate
     from .checkpoint import RunFolder
     from .methods import METHODS
@@ -337,7 +338,12 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError("--resume needs --output (the folder of the run to continue)")
         if ns.eval_shots and not ns.eval:
             ns.eval = True
-        device = _device(ns.device)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.device and ":" in ns.device:
+            raise ValueError(f"--device {ns.device}: under torchrun each rank takes GPU LOCAL_RANK; pass 'cuda' or 'cpu'")
+        device = distributed.init_from_env(ns.device) or _device(ns.device)
+        main = distributed.is_main()
+        if not main:  # one rank speaks
+            logger.setLevel(logging.WARNING)
         run = {
             "config": config.to_dict(),
             "model": model_identity(ns.model),
@@ -369,6 +375,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
         validate(model, config, windows, resume_state=state)
         eval_ids = eval_desc = None
         eval_seqlen = ns.eval_seqlen or ns.seqlen
+        ns.eval = ns.eval and main  # rank 0 measures; the others are done once pruning is
         if ns.eval:
             eval_ids, eval_desc = load_eval_ids(ns.eval_data, tokenizer)
             if eval_ids.numel() < eval_seqlen:
@@ -377,8 +384,12 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
         raise _Refused(str(e)) from e
 
     # 2. Claim the folder: settings first, so that an interrupted run can be recognised and resumed.
+    # Every rank has read it by now; only rank 0 writes.
+    distributed.barrier()
     created = False
     checkpointer = None
+    if not main:
+        folder = None
     if folder is not None:
         created = not folder.path.exists()
         if plan == "new" and folder.stored() is not None:
@@ -392,7 +403,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             checkpointer.min_interval_s = ns.checkpoint_interval
 
     def on_shot(rec: dict[str, Any]) -> None:
-        if ns.eval_shots:
+        if ns.eval_shots and ns.eval:
             rec["ppl"] = _perplexity(model, eval_ids, eval_desc, seqlen=eval_seqlen, batch_size=ns.eval_batch_size,
                                      device=device, quiet=True, source=ns.eval_data)["ppl"]
             logger.info("shot %d: perplexity %.3f (%s, seqlen %d)", rec.get("shot", 0), rec["ppl"], eval_desc, eval_seqlen)
@@ -403,7 +414,8 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
 
         with logging_redirect_tqdm(loggers=[logger]):
             report = prune(model, config, windows, device=device, batch_size=ns.batch_size, autocast=ns.autocast,
-                           progress=not ns.quiet, on_shot=on_shot, checkpoint=checkpointer, resume_state=state)
+                           progress=not ns.quiet and main, on_shot=on_shot, checkpoint=checkpointer,
+                           resume_state=state)
             report.extra["calibration_source"] = run["calibration"]
             if ns.eval:
                 report.extra["eval"] = _perplexity(model, eval_ids, eval_desc, seqlen=eval_seqlen,
@@ -423,6 +435,9 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
     # 4. Write the results (staged, then moved in), and drop the checkpoint.
     if folder is not None:
         _write_outputs(folder, model, tokenizer, report)
+    distributed.finish()
+    if not main:
+        return 0
     print(format_report(report))
     if folder is not None:
         how = ("surgeon.io.load_pruned (layers have new sizes)" if config.structure_kind == "structured"

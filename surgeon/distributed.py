@@ -19,6 +19,7 @@ runs in one process.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
@@ -34,7 +35,10 @@ __all__ = [
     "assert_same",
     "assign",
     "backend",
+    "barrier",
     "debug",
+    "finish",
+    "init_from_env",
     "inversion_work",
     "is_main",
     "local_batches",
@@ -80,6 +84,45 @@ def backend() -> str | None:
 
 def debug() -> bool:
     return os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
+
+
+def init_from_env(device_type: str | None = None) -> torch.device | None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) and return this rank's device.
+
+    NCCL with GPU ``LOCAL_RANK`` when CUDA is there (and ``device_type`` is not ``"cpu"``), gloo on the
+    CPU otherwise. Returns None, and does nothing, outside ``torchrun`` or when a group already exists.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return None
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if device_type not in (None, "cuda", "cpu"):
+        raise ValueError(f"under torchrun each rank takes its own device: use 'cuda' or 'cpu', not {device_type!r}")
+    if device_type != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        kw = {"device_id": device} if "device_id" in inspect.signature(dist.init_process_group).parameters else {}
+        dist.init_process_group("nccl", **kw)
+    else:
+        if device_type == "cuda":
+            raise ValueError("device 'cuda' asked for, but CUDA is not available here")
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    barrier()  # communicators are created here rather than inside the first timed reduction
+    return device
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if active():
+        dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group once every rank is done (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 # -- splitting the calibration data ---------------------------------------------------------------

@@ -191,3 +191,31 @@ def test_smollm2_magnitude_end_to_end(tmp_path):
                "--seqlen", "64", "--device", "cpu", "--quiet", "--output", str(tmp_path / "out")])
     assert rc == 0
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_write_the_model_of_one_process(workspace, tmp_path):
+    """``torchrun -m surgeon prune`` on two gloo ranks: rank 0 alone writes, and the model it writes
+    has the heads and channels of a one-process run, with the same weights up to rounding."""
+    def args(out):
+        return prune_args(workspace, out, "--method", "llm-surgeon", "--structure", "structured", "--sparsity", "0.25",
+                          "--shots", "2", "--accumulate", "float64")
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "surgeon", *args(two)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("written to") == 1  # one rank printed the report
+    assert main(args(one)) == 0
+
+    assert Report.load(two / "report.json").extra["kept_structures"] == Report.load(one / "report.json").extra["kept_structures"]
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(load_pruned(two).named_parameters(), load_pruned(one).named_parameters()):
+            assert a.shape == b.shape, name
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
