@@ -338,9 +338,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError("--resume needs --output (the folder of the run to continue)")
         if ns.eval_shots and not ns.eval:
             ns.eval = True
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.device and ":" in ns.device:
-            raise ValueError(f"--device {ns.device}: under torchrun each rank takes GPU LOCAL_RANK; pass 'cuda' or 'cpu'")
-        device = distributed.init_from_env(ns.device) or _device(ns.device)
+        device = distributed.init_from_env(ns.device) or _device(ns.device)  # under torchrun: GPU LOCAL_RANK
         main = distributed.is_main()
         if not main:  # one rank speaks
             logger.setLevel(logging.WARNING)

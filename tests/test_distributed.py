@@ -180,3 +180,16 @@ def test_two_ranks_prune_like_one_process(tmp_path, monkeypatch):
             assert any(single[n].shape != make_llama(seed=0).get_submodule(n).weight.shape for n in single)
         else:
             assert sum(int((w == 0).sum()) for w in single.values()) > 0
+
+
+def test_init_from_env_outside_torchrun_and_bad_devices(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env() is None and not distributed.active()
+    distributed.barrier()  # no-ops in one process
+    distributed.finish()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="each rank takes its own device"):
+        distributed.init_from_env("cuda:1")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            distributed.init_from_env("cuda")
