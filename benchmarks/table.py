@@ -19,18 +19,20 @@ def render(d: dict) -> str:
     for key in ("model", "protocol", "note"):
         if key in d:
             head.append(f"- {key}: {d[key] if isinstance(d[key], str) else json.dumps(d[key])}")
+    return "\n".join(head + [""] + _table(cols, rows) + _phases(rows)
+                     + _records("comparisons", d.get("comparisons", []))) + "\n"
+
+
+def _table(cols: list[str], recs: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
-    return "\n".join(head + [""] + lines + _phases(rows) + _records("comparisons", d.get("comparisons", []))) + "\n"
+    return lines + ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in recs]
 
 
 def _records(title: str, recs: list[dict]) -> list[str]:
+    """A titled table of ``recs`` with every key they hold as a column (none when there are none)."""
     if not recs:
         return []
-    cols = list(dict.fromkeys(k for r in recs for k in r))
-    out = ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return out + ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in recs]
+    return ["", f"## {title}", ""] + _table(list(dict.fromkeys(k for r in recs for k in r)), recs)
 
 
 def _phases(rows: list[dict]) -> list[str]:
