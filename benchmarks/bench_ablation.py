@@ -1,0 +1,290 @@
+"""Ablations of LLM Surgeon (and its rivals) on SmolLM2: one row per variant, both evaluation texts.
+
+    python benchmarks/bench_ablation.py --set structured --jobs 4 --deterministic
+    python benchmarks/bench_ablation.py --set structured,unstructured --quick      # CPU smoke run
+
+Variants are declared in ``benchmarks/ablations/<set>.py`` (a list ``VARIANTS`` of dicts: label, method,
+structure, sparsity, config, optional checkpoints {shot: size remaining}). Every row reports perplexity on
+the WikiText-2 test split (``ppl``), on the shipped out-of-domain text (``ood_ppl``) and on the first
+calibration windows (``calib_ppl``). Settings are chosen on ``calib_ppl`` (the data the method was given);
+the two test texts only report.
+
+Several variants run at once on one GPU (``--jobs``): a 135M-parameter model leaves most of an H200
+idle, so concurrent processes finish the table several times sooner. Their wall times are measured under
+that sharing and say so (``concurrent_jobs``); the main results table times runs alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def load_variants(names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for name in names:
+        path = HERE / "ablations" / f"{name}.py"
+        if not path.is_file():
+            raise SystemExit(f"no variant set {name!r} ({path} does not exist)")
+        spec = importlib.util.spec_from_file_location(f"ablation_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        for v in mod.VARIANTS:
+            out.append({**v, "set": name})
+    return out
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Bit-reproducible runs: the library's deterministic mode."""
+    if not on:
+        yield
+        return
+    from surgeon.determinism import deterministic
+
+    with deterministic():
+        yield
+
+
+def evaluate_all(model: Any, texts: dict[str, Any], seqlen: int, batch: int) -> dict[str, float]:
+    from surgeon import evaluate
+
+    return {key: round(evaluate.perplexity(model, ids, seqlen=seqlen, batch_size=batch), 3) for key, ids in texts.items()}
+
+
+def tokens_per_s(model: Any, device: Any, seqlen: int, batch: int = 8, reps: int = 5) -> float:
+    """Forward throughput in bf16 autocast on a fixed batch (inference speed of the model as pruned)."""
+    import torch
+
+    x = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
+    cuda = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        model(input_ids=x, use_cache=False)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model(input_ids=x, use_cache=False)
+        if cuda:
+            torch.cuda.synchronize()
+    return batch * seqlen * reps / (time.perf_counter() - t0)
+
+
+def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
+    """Prune a fresh copy of the dense model as ``v`` says; one row per checkpoint (or one at the end)."""
+    import torch
+
+    import surgeon
+    from surgeon.adapters import adapter_for
+    from surgeon.io import load_pruned
+    from surgeon.methods import METHODS
+
+    structure = v["structure"]
+    model = load_pruned(data["model_dir"], dtype=torch.float32).to(device)
+    params0 = adapter_for(model).prunable_params()
+    structured = structure == "structured"
+    rows: list[dict[str, Any]] = []
+    checkpoints = {int(k): float(s) for k, s in (v.get("checkpoints") or {}).items()}
+    eval_s = [0.0]
+    t_start = time.perf_counter()
+
+    def row(target: float, shot: int | None) -> None:
+        t0 = time.perf_counter()
+        adapter = adapter_for(model)
+        if structured:
+            left = adapter.prunable_params()
+        else:
+            left = sum(int(torch.count_nonzero(m.weight)) for m in adapter.linears().values())
+        r: dict[str, Any] = {
+            "label": v["label"], "set": v["set"], "method": v["method"], "structure": structure,
+            "target": target, "target_kind": "size" if structured else "sparsity",
+            "achieved": round(left / params0 if structured else 1 - left / params0, 5),
+            "wall_s": round(t0 - t_start - eval_s[0], 2), "config": v.get("config", {}),
+        }
+        if shot is not None:
+            r["shot"] = shot
+        r.update(evaluate_all(model, data["texts"], args.eval_seqlen, args.eval_batch))
+        if structured or v["method"] == "dense":
+            r["tokens_per_s_after"] = round(tokens_per_s(model, device, args.eval_seqlen))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        eval_s[0] += time.perf_counter() - t0
+
+    def on_shot(rec: dict[str, Any]) -> None:
+        if rec["shot"] in checkpoints:
+            row(checkpoints[rec["shot"]], rec["shot"])
+
+    if v["method"] == "dense":
+        row(1.0, None)
+        return rows
+    cfg_cls, _ = METHODS[v["method"]]
+    cfg = cfg_cls(sparsity=v["sparsity"] if ":" not in structure else 0.0, structure=structure, **v.get("config", {}))
+    report = surgeon.prune(model, cfg, data["calibration"], device=device, batch_size=args.batch_size,
+                           progress=False, on_shot=on_shot if checkpoints else None)
+    if not checkpoints:
+        row(round(1 - v["sparsity"], 4) if structured else (v["sparsity"] if ":" not in structure else 0.5), None)
+    for r in rows:
+        r["peak_gpu_gb"] = round(report.peak_gpu_gb, 2)
+        r["phases_s"] = {k: round(p["wall_s"], 2) for k, p in report.phases.items()}
+    return rows
+
+
+def worker(rank: int, jobs: list[dict[str, Any]], data_path: str, args: argparse.Namespace, out_dir: str) -> None:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = torch.load(data_path, weights_only=False)
+    for i, v in jobs:
+        t0 = time.perf_counter()
+        try:
+            with deterministic_mode(args.deterministic):
+                rows = run_variant(v, data, args, device)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the table
+            traceback.print_exc()
+            rows = [{"label": v["label"], "set": v["set"], "method": v["method"], "structure": v["structure"],
+                     "config": v.get("config", {}), "error": f"{type(e).__name__}: {e}"}]
+        for r in rows:
+            r["job_s"] = round(time.perf_counter() - t0, 1)
+        Path(out_dir, f"{i:03d}.json").write_text(json.dumps(rows))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> str:
+    """Load the dense model once, store it and every token stream where the workers read them."""
+    import torch
+
+    from surgeon import data
+    from surgeon.io import save_pruned
+    from surgeon.models import load_gguf
+
+    model, tok = load_gguf()
+    model_dir = tmp / "dense"
+    save_pruned(model, model_dir, tokenizer=tok)
+    calib = data.calibration_windows(tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
+    texts = {name: data.eval_ids(tok, name) for name in ("wikitext2", "pydoc")}
+    if args.eval_windows:
+        texts = {k: t[: args.eval_windows * args.eval_seqlen] for k, t in texts.items()}
+    texts = {"ppl": texts["wikitext2"], "ood_ppl": texts["pydoc"],
+             "calib_ppl": calib[: args.calib_eval_windows].reshape(-1)}
+    path = tmp / "data.pt"
+    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts}, path)
+    return str(path)
+
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = [f"# {out['benchmark']}", "", f"`{out['command']}`", "",
+             f"{out['device']}, torch {out['versions']['torch']}, transformers {out['versions']['transformers']}, "
+             f"surgeon {out['versions']['surgeon_git']}; {out['protocol']['calibration']}; eval {out['protocol']['eval']}; "
+             f"deterministic: {out['deterministic']}; {out['concurrent_jobs']} variants at a time (wall times shared).",
+             "", "| set | variant | structure | target | achieved | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | |")
+            continue
+        lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | {r['target']} | {r['achieved']} | "
+                     f"{r['calib_ppl']:.3f} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", default="structured,unstructured", help="comma-separated variant sets (benchmarks/ablations)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run variants whose label contains one")
+    p.add_argument("--jobs", type=int, default=1, help="variants run at once (processes sharing the device)")
+    p.add_argument("--deterministic", action="store_true", help="bit-reproducible runs (math attention, fixed reductions)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--eval-windows", type=int, default=0, help="evaluate on the first N windows of each text (0 = all)")
+    p.add_argument("--calib-eval-windows", type=int, default=16, help="calibration windows whose perplexity is reported")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation (CPU smoke run)")
+    p.add_argument("--out", default=None, help="output JSON (default: benchmarks/results/ablation-<sets>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.nsamples, args.seqlen, args.batch_size = 4, 128, 2
+        args.eval_seqlen, args.eval_windows, args.calib_eval_windows = 128, 2, 2
+    sets = [s for s in args.set.split(",") if s]
+    variants = load_variants(sets)
+    if args.only:
+        keys = args.only.split(",")
+        variants = [v for v in variants if any(k in v["label"] for k in keys)]
+    if args.quick:  # a smoke run: every variant, two shots
+        for v in variants:
+            cfg = dict(v.get("config", {}))
+            if "shots" in cfg:
+                cfg["shots"] = min(cfg["shots"], 2)
+            v["config"] = cfg
+            v["checkpoints"] = {2: 1 - v["sparsity"]} if v.get("checkpoints") else None
+    out_path = Path(args.out or HERE / "results" / f"ablation-{'-'.join(sets)}.json")
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from surgeon.report import versions
+
+    with tempfile.TemporaryDirectory(prefix="surgeon-ablation-") as tmp:
+        t0 = time.perf_counter()
+        data_path = prepare(args, Path(tmp))
+        print(f"prepared model and data in {time.perf_counter() - t0:.1f}s; {len(variants)} variants, "
+              f"{args.jobs} at a time", flush=True)
+        rows_dir = Path(tmp) / "rows"
+        rows_dir.mkdir()
+        jobs = list(enumerate(variants))
+        shares = [jobs[r :: args.jobs] for r in range(args.jobs)]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(r, shares[r], data_path, args, str(rows_dir))) for r in range(args.jobs)
+                 if shares[r]]
+        for pr in procs:
+            pr.start()
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        head = {
+            "benchmark": out_path.stem, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "date": dt.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu", "versions": versions(),
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+            "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0",
+                         "eval": f"wikitext2-test raw (ppl) and pydoc out-of-domain text (ood_ppl), seqlen "
+                                 f"{args.eval_seqlen}" + (f", first {args.eval_windows} windows" if args.eval_windows else "")
+                                 + f"; calib_ppl: first {args.calib_eval_windows} calibration windows",
+                         "selection": "settings are chosen on calib_ppl; ppl and ood_ppl only report"},
+            "deterministic": args.deterministic, "concurrent_jobs": args.jobs,
+        }
+
+        def collect() -> None:
+            rows = []
+            for f in sorted(rows_dir.glob("*.json")):
+                rows += json.loads(f.read_text())
+            out = {**head, "rows": rows}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(out, indent=2))
+            out_path.with_suffix(".md").write_text(markdown(out))
+
+        while any(pr.is_alive() for pr in procs):
+            time.sleep(5)
+            collect()
+        for pr in procs:
+            pr.join()
+        collect()
+    print(f"wrote {out_path} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
