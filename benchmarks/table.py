@@ -10,9 +10,11 @@ COLUMNS = ("method", "variant", "structure", "target_kind", "target", "achieved"
            "params_after", "tokens_per_s_after", "tokens_per_s_dense", "error")
 
 
-def render(d: dict) -> str:
+def render(d: dict, sections: tuple[str, ...] = (), columns: tuple[str, ...] = COLUMNS) -> str:
+    """The header, the rows (``columns`` first, then the others by name), their phases and comparisons, then
+    one titled table per key in ``sections``."""
     rows = d["rows"]
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in columns if any(c in r for r in rows)]
     cols += sorted({k for r in rows for k in r if k not in cols and not isinstance(r[k], (dict, list))})
     head = [f"# {d['benchmark']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}", f"- device: {d['device']}",
             f"- versions: {json.dumps(d['versions'])}"]
@@ -20,7 +22,8 @@ def render(d: dict) -> str:
         if key in d:
             head.append(f"- {key}: {d[key] if isinstance(d[key], str) else json.dumps(d[key])}")
     return "\n".join(head + [""] + _table(cols, rows) + _phases(rows)
-                     + _records("comparisons", d.get("comparisons", []))) + "\n"
+                     + _records("comparisons", d.get("comparisons", []))
+                     + [line for key in sections for line in _records(key, d.get(key, []))]) + "\n"
 
 
 def _table(cols: list[str], recs: list[dict]) -> list[str]:
