@@ -94,3 +94,29 @@ def test_unknown_evaluation_text_is_refused_before_pruning(tiny, tmp_path, capsy
                "--output", str(tmp_path / "out")])
     assert rc == 2 and "evaluation data c4: no such file (or one of wikitext2, pydoc)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_main_job_is_what_ci_runs_and_parses():
+    """.ci/newcomer runs the README's first command block as written; its `surgeon prune` must parse
+    with this CLI and rely on the defaults (shipped data, automatic batch size)."""
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("newcomer", repo / ".ci" / "newcomer.py")
+    newcomer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(newcomer)
+    command = newcomer.main_job(repo / "README.md")
+    steps = [s.strip() for s in command.split("&&")]
+    assert steps[0] == "python3 -m venv .venv" and steps[1] == ". .venv/bin/activate"
+    install = shlex.split(steps[2])
+    assert install[:3] == ["pip", "install", "-e"] and install[3].startswith(".[")
+    pyproject = (repo / "pyproject.toml").read_text()
+    for extra in install[3][2:-1].split(","):
+        assert f"\n{extra} = [" in pyproject, f"the README installs extra {extra!r}, which pyproject.toml lacks"
+    prune = shlex.split(steps[-1])
+    assert prune[:4] == ["python", "-m", "surgeon", "prune"]
+    ns = build_parser(prune[prune.index("--method") + 1]).parse_args(prune[3:])
+    assert ns.model == "smollm2" and ns.calibration == "wikitext2" and ns.batch_size == "auto"
+    assert newcomer.output_of(command) == ns.output == "runs/smollm2-s80"
