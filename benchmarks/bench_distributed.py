@@ -64,7 +64,8 @@ def _attention(kind: str) -> Iterator[None]:
         yield
 
 
-def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict[str, torch.Tensor], str]:
+    """(model, calibration windows, {"ppl": WikiText-2 test stream, "ood_ppl": pydoc stream}, model name)."""
     if args.dry_run:
         import transformers
 
@@ -74,18 +75,19 @@ def _model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Te
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
         g = torch.Generator().manual_seed(0)
         calib = torch.randint(0, 128, (args.nsamples, args.seqlen), generator=g)
-        test = torch.randint(0, 128, (4 * args.seqlen,), generator=g)
-        return model, calib, test, "tiny random Llama (dry run)"
+        texts = {k: torch.randint(0, 128, (4 * args.seqlen,), generator=g) for k in ("ppl", "ood_ppl")}
+        return model, calib, texts, "tiny random Llama (dry run)"
     from surgeon.models import load_gguf
 
     model, tok = load_gguf()
     calib = data.calibration_windows(tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
-    return model, calib, data.wikitext2_test_ids(tok), "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
+    texts = {"ppl": data.eval_ids(tok, "wikitext2"), "ood_ppl": data.eval_ids(tok, "pydoc")}
+    return model, calib, texts, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
 
 
 def run(args: argparse.Namespace) -> None:
     device = _setup(args)
-    model, calib, test, model_name = _model_and_data(args)
+    model, calib, texts, model_name = _model_and_data(args)
     cfg = surgeon.SurgeonConfig(sparsity=round(args.steps * args.step, 6), structure="structured", shots=args.steps,
                                 seed=0, accumulate=args.accumulate)
     with _attention(args.attention):
@@ -109,11 +111,12 @@ def run(args: argparse.Namespace) -> None:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({n: m.weight.detach().float().cpu() for n, m in weights.items()}, out / f"{args.tag}.pt")
         t0 = time.perf_counter()
-        ppl = evaluate.perplexity(model, test, seqlen=args.seqlen, batch_size=args.batch_size)
+        ppl = {k: round(evaluate.perplexity(model, ids, seqlen=args.seqlen, batch_size=args.batch_size), 4)
+               for k, ids in texts.items()}
         rec = {
             "tag": args.tag, "world_size": world, "backend": distributed.backend() or "none",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "model": model_name, "ppl": round(ppl, 4), "eval_s": round(time.perf_counter() - t0, 2),
+            "model": model_name, **ppl, "eval_s": round(time.perf_counter() - t0, 2),
             "achieved": round(report.size, 5), "wall_s": round(report.wall_s, 2),
             "accumulate": args.accumulate, "attention": args.attention,
             "curvature_s": round(float(curvature_s.sum()), 3), "curvature_s_per_shot": [round(float(t), 3) for t in curvature_s],
@@ -142,6 +145,8 @@ def _pair(d: Path, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
            "structures_differing": differ, "max_weight_diff_rel": rel,
            "weights_within_tolerance": rel is not None and rel <= WEIGHT_RTOL,
            "ppl": [a["ppl"], b["ppl"]], "ppl_diff": round(b["ppl"] - a["ppl"], 4)}
+    if "ood_ppl" in a and "ood_ppl" in b:
+        out["ood_ppl"] = [a["ood_ppl"], b["ood_ppl"]]
     if b["world_size"] > a["world_size"]:
         out["calibration_speedup_2gpu"] = round(b["calibration_tokens_per_s_steady"] / a["calibration_tokens_per_s_steady"], 3)
         out["calibration_speedup_2gpu_all_shots"] = round(b["calibration_tokens_per_s"] / a["calibration_tokens_per_s"], 3)
@@ -158,7 +163,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         r = runs[t]
         rows.append({
             "method": "llm-surgeon", "structure": "structured", "target": round(1 - args.steps * args.step, 4),
-            "target_kind": "size", "achieved": r["achieved"], "ppl": r["ppl"], "wall_s": r["wall_s"],
+            "target_kind": "size", "achieved": r["achieved"], "ppl": r["ppl"], "ood_ppl": r.get("ood_ppl"),
+            "wall_s": r["wall_s"],
             "peak_gpu_gb": r["peak_gpu_gb"], "run": t, "gpus": r["world_size"], "accumulate": r["accumulate"],
             "attention": r["attention"], "curvature_s": r["curvature_s"], "curvature_s_per_shot": r["curvature_s_per_shot"],
             "calibration_tokens_per_s": r["calibration_tokens_per_s"],
@@ -180,6 +186,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0, "
                                     f"batch {args.batch_size} per rank",
                      "eval": f"wikitext2-test raw, seqlen {args.seqlen}",
+                     "ood_eval": f"pydoc (Python 3.11.7 reference documentation, shipped), seqlen {args.seqlen}",
                      "schedule": f"{args.steps} shots of {args.step} size, fp32 weights, bf16-autocast calibration",
                      "tolerance": f"max |W_2gpu - W_1gpu| / max |W_1gpu| per linear <= {WEIGHT_RTOL}"},
         "rows": rows, "comparisons": comparisons,

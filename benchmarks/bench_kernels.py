@@ -211,16 +211,6 @@ def _cpu_model() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _sizes(min_elements: int, max_elements: int) -> list[int]:
     sizes, s = [], min_elements
     while s < max_elements:
@@ -330,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(r.get('speedup_vs_numpy'), '>9.2f')} {fmt(r.get('speedup_vs_torch'), '>9.2f')} "
               f"{r['peak_host_gb']:>8.2f} {fmt(r['extra_host_gb'], '>8.2f')}")
 
+    from surgeon.report import core_digest, git_commit  # here: the workers must not import torch
+
     result = {
         "benchmark": "kernels",
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
@@ -339,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
-            "surgeon": _git_sha(),
+            "surgeon_git": git_commit(ROOT),
+            "surgeon_core": core_digest(ROOT),
         },
         "protocol": {
             "data": f"|N(0,1)| float32 costs (global_threshold) and N(0,1) scores in {NM_COLS}-column matrices "

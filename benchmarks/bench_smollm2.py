@@ -1,10 +1,11 @@
-"""Every method on SmolLM2-135M-Instruct, WikiText-2, one calibration set: perplexity, time, memory, speed.
+"""Every method on SmolLM2-135M-Instruct, one calibration set: perplexity in and out of domain, time, memory, speed.
 
     python benchmarks/bench_smollm2.py --suite all            # the committed table (GPU)
     python benchmarks/bench_smollm2.py --suite all --quick    # a minute-long smoke run on a CPU
 
 Protocol (printed into the JSON): calibration = seeded random windows of the WikiText-2 validation split
-(tokenised release), evaluation = raw test split in non-overlapping windows, fp32 weights.
+(tokenised release), evaluation = raw test split in non-overlapping windows (``ppl``) and the same
+windowing of the shipped out-of-domain text, Python's reference documentation (``ood_ppl``), fp32 weights.
 Structured LLM Surgeon is run the way the paper reports intermediate targets: one linear schedule whose
 shots each remove the same share, with perplexity measured when 90%, 80% and 70% of the size remain.
 """
@@ -65,10 +66,10 @@ class Bench:
         self.dense, self.tok = load_gguf()
         self.load_s = time.perf_counter() - t0
         self.calib = data.calibration_windows(self.tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
-        test = data.wikitext2_test_ids(self.tok)
+        # every perplexity is measured on both texts, with the same windowing
+        self.texts = {"ppl": data.eval_ids(self.tok, "wikitext2"), "ood_ppl": data.eval_ids(self.tok, "pydoc")}
         if args.eval_windows:
-            test = test[: args.eval_windows * args.eval_seqlen]
-        self.test = test
+            self.texts = {k: ids[: args.eval_windows * args.eval_seqlen] for k, ids in self.texts.items()}
         self.rows: list[dict[str, Any]] = []
         self.params0 = linear_params(self.dense)
 
@@ -78,12 +79,17 @@ class Bench:
             torch.cuda.empty_cache()
         return copy.deepcopy(self.dense).to(self.device)
 
-    def ppl(self, model: torch.nn.Module) -> float:
-        return evaluate.perplexity(model, self.test, seqlen=self.args.eval_seqlen, batch_size=self.args.eval_batch)
+    def ppl(self, model: torch.nn.Module) -> dict[str, float]:
+        """``ppl`` (WikiText-2 test) and ``ood_ppl`` (pydoc) of ``model``, rounded for the table."""
+        return {k: round(evaluate.perplexity(model, ids, seqlen=self.args.eval_seqlen, batch_size=self.args.eval_batch), 3)
+                for k, ids in self.texts.items()}
+
+    def windows(self, key: str) -> int:
+        return self.texts[key].numel() // self.args.eval_seqlen
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        keys = ("method", "structure", "target", "achieved", "ppl", "wall_s", "peak_gpu_gb")
+        keys = ("method", "structure", "target", "achieved", "ppl", "ood_ppl", "wall_s", "peak_gpu_gb")
         print(" | ".join(f"{k}={row.get(k)}" for k in keys), flush=True)
         self.save()
 
@@ -95,7 +101,9 @@ class Bench:
             "date": dt.date.today().isoformat(), "device": dev, "versions": versions(),
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
             "protocol": {"calibration": f"wikitext2-valid (tokenised) {a.nsamples}x{a.seqlen} seed 0",
-                         "eval": f"wikitext2-test raw, seqlen {a.eval_seqlen}, {self.test.numel() // a.eval_seqlen} windows",
+                         "eval": f"wikitext2-test raw, seqlen {a.eval_seqlen}, {self.windows('ppl')} windows",
+                         "ood_eval": f"pydoc (Python 3.11.7 reference documentation, shipped in surgeon/corpora), "
+                                     f"seqlen {a.eval_seqlen}, {self.windows('ood_ppl')} windows",
                          "target": "structured rows: fraction of prunable linear weights remaining (target_kind=size); "
                                    "others: fraction removed (target_kind=sparsity); embeddings and lm_head excluded"},
             "rows": self.rows,
@@ -111,7 +119,7 @@ class Bench:
         tps = tokens_per_s(m, self.device, self.args.eval_seqlen)
         self.dense_tps = tps
         self.add({"method": "dense", "structure": "none", "target": 1.0, "target_kind": "size", "achieved": 1.0,
-                  "ppl": round(ppl, 3), "wall_s": round(time.perf_counter() - t0, 2), "params_after": self.params0,
+                  **ppl, "wall_s": round(time.perf_counter() - t0, 2), "params_after": self.params0,
                   "tokens_per_s_dense": round(tps)})
         del m
 
@@ -159,7 +167,7 @@ class Bench:
             "target": round(1 - sparsity, 4) if structured else round(sparsity if ":" not in structure else achieved_sparsity, 4),
             "target_kind": "size" if structured else "sparsity",
             "achieved": round(1 - achieved_sparsity if structured else achieved_sparsity, 5),
-            "ppl": round(self.ppl(model), 3), "wall_s": round(wall, 2), "params_after": params,
+            **self.ppl(model), "wall_s": round(wall, 2), "params_after": params,
         }
         if self.device.type == "cuda":
             row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

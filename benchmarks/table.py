@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("method", "variant", "structure", "target_kind", "target", "achieved", "ppl", "wall_s", "peak_gpu_gb",
-           "params_after", "tokens_per_s_after", "tokens_per_s_dense", "error")
+COLUMNS = ("method", "variant", "structure", "target_kind", "target", "achieved", "ppl", "ood_ppl", "wall_s",
+           "peak_gpu_gb", "params_after", "tokens_per_s_after", "tokens_per_s_dense", "error")
 
 
 def render(d: dict, sections: tuple[str, ...] = (), columns: tuple[str, ...] = COLUMNS) -> str:
@@ -18,7 +18,7 @@ def render(d: dict, sections: tuple[str, ...] = (), columns: tuple[str, ...] = C
     cols += sorted({k for r in rows for k in r if k not in cols and not isinstance(r[k], (dict, list))})
     head = [f"# {d['benchmark']}", "", f"- command: `{d['command']}`", f"- date: {d['date']}", f"- device: {d['device']}",
             f"- versions: {json.dumps(d['versions'])}"]
-    for key in ("model", "protocol", "note"):
+    for key in ("historical_reason", "model", "protocol", "note"):
         if key in d:
             head.append(f"- {key}: {d[key] if isinstance(d[key], str) else json.dumps(d[key])}")
     return "\n".join(head + [""] + _table(cols, rows) + _phases(rows)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import distributed
 from . import methods  # noqa: F401  (registers the methods)
 from .adapters import adapter_for
 from .config import MethodConfig
 from .data import as_token_windows
 from .methods.base import Context, get_method, host_peak_gb
+from .memory import auto_batch_size
 from .memory import check as check_memory
 from .report import Report, versions
 
 __all__ = ["check_activations", "check_reachable", "default_device", "prune", "validate"]
+
+logger = logging.getLogger("surgeon")
 
 
 def default_device() -> torch.device:
@@ -119,7 +124,7 @@ def prune(
     calibration: Any,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     autocast: str | torch.dtype | None = "auto",
     progress: bool = True,
     on_shot: Any = None,
@@ -132,6 +137,10 @@ def prune(
     ``datasets.Dataset`` with ``input_ids`` (see :func:`surgeon.data.calibration_windows` to make them
     from text). The model is moved to ``device`` (a GPU when there is one). ``autocast="auto"`` runs the
     calibration passes in bf16 on GPUs while weights, statistics and updates stay in fp32.
+    ``batch_size`` windows go through each calibration pass; None takes the largest that the memory
+    plan fits on the device (:func:`surgeon.memory.auto_batch_size`: at most 8 on a GPU, 4 on a CPU),
+    logged and recorded in ``report.extra["batch_size"]``. It changes speed and memory, not the result
+    (beyond rounding): statistics are sums over tokens.
     Structured pruning leaves a physically smaller model; the others leave exact zeros.
     """
     adapter, windows = validate(model, config, calibration, resume_state=resume_state)
@@ -146,7 +155,17 @@ def prune(
             autocast = None
         else:
             autocast = getattr(torch, autocast)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}")
     model.to(device)
+    if batch_size is None:
+        chosen = auto_batch_size(model, config, tuple(windows.shape), device=device, autocast_dtype=autocast)
+        batch_size = chosen["value"]
+        if distributed.is_main():
+            logger.info("calibration batch size %d (automatic: %s estimate %.2f GiB of %s GiB usable, cap %d)",
+                        batch_size, chosen["basis"], chosen["estimated_peak_gb"], chosen["usable_gb"], chosen["cap"])
+    else:
+        chosen = {"value": batch_size, "auto": False}
     report = Report(
         method=config.method,
         config=config.to_dict(),
@@ -159,6 +178,7 @@ def prune(
         versions=versions(),
     )
     report.params_before = sum(r["params_before"] for r in report.modules.values())
+    report.extra["batch_size"] = chosen
     if resume_state and resume_state.get("_report"):
         _continue_report(report, resume_state["_report"])
         prev_kept = resume_state["_report"].get("extra", {}).get("kept_structures", {})

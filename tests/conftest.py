@@ -45,6 +45,17 @@ def make_opt(seed: int = 0, *, layers: int = 2, hidden: int = 32, ffn: int = 48,
     return model.eval()
 
 
+def char_tokenizer():
+    """A 96-token character tokenizer, the vocabulary size of the tiny test models."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 127))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
 @pytest.fixture
 def tiny_llama():
     return make_llama()

@@ -12,31 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_llama
+from conftest import char_tokenizer, make_llama
 
+from surgeon import corpora
 from surgeon.cli import build_parser, config_from_args, main
 from surgeon.io import load_pruned
 from surgeon.methods import METHODS
 from surgeon.report import Report
 
 REPO = Path(__file__).resolve().parent.parent
-WIKI = REPO.parent / "shared" / "data" / "wikitext-2"
-
-
-def char_tokenizer():
-    """A 96-token character tokenizer, the vocabulary size of the tiny test models."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 127))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
 def _text(n: int) -> str:
-    if (WIKI / "wiki.valid.tokens").is_file():
-        return (WIKI / "wiki.valid.tokens").read_text(encoding="utf-8")[:n]
-    return ("The quick brown fox jumps over the lazy dog. " * (n // 40 + 1))[:n]
+    return corpora.read_text("wikitext2-valid")[:n]
 
 
 @pytest.fixture(scope="module")

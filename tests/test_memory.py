@@ -197,3 +197,67 @@ def test_activation_estimate_is_close_to_what_backward_keeps(attn):
     measured = sum(storages.values()) / x[..., 0].numel()
     estimate, _ = memory._activation_bytes(adapter_for(model), seqlen, 4, 4)
     assert abs(estimate - measured) <= 0.2 * measured, (estimate, measured)
+
+
+# -- automatic batch size ---------------------------------------------------------------------------
+
+def _need(model, config, shape, b, device="cuda"):
+    p = memory.plan(model, config, shape, device=device, batch_size=b, autocast_dtype=torch.bfloat16)
+    return p.peak(p.on_device)[0]
+
+
+def test_auto_batch_size_is_the_largest_that_fits():
+    model = make_llama()
+    cfg = SurgeonConfig(structure="structured", sparsity=0.2)
+    shape = (16, 64)
+    needs = [_need(model, cfg, shape, b) for b in range(1, 9)]
+    assert needs == sorted(needs) and needs[0] < needs[-1]
+    for b in (1, 3, 8):  # a device whose margin holds exactly the estimate of b windows
+        total = int(needs[b - 1] / memory.AUTO_MARGIN) + 1
+        got = memory.auto_batch_size(model, cfg, shape, device="cuda", autocast_dtype=torch.bfloat16, device_total=total)
+        assert got["value"] == b and got["fits"] and got["auto"]
+        assert got["estimated_peak_gb"] == pytest.approx(needs[b - 1] / memory.GiB, abs=1e-3)
+        assert got["basis"] == "memory plan" and got["cap"] == memory.AUTO_BATCH_CAP["cuda"]
+    tiny = memory.auto_batch_size(model, cfg, shape, device="cuda", device_total=needs[0] // 2)
+    assert tiny["value"] == 1 and not tiny["fits"]  # check() then refuses, naming what would fit
+
+
+def test_auto_batch_size_is_capped_by_device_and_windows():
+    model = make_llama()
+    cfg = SurgeonConfig(structure="unstructured", sparsity=0.5)
+    big = 2**50
+    assert memory.auto_batch_size(model, cfg, (64, 16), device="cuda", device_total=big)["value"] == 8
+    assert memory.auto_batch_size(model, cfg, (64, 16), device="cpu", device_total=big)["value"] == 4
+    assert memory.auto_batch_size(model, cfg, (3, 16), device="cuda", device_total=big)["value"] == 3
+    assert memory.auto_batch_size(model, cfg, (64, 16), device="cuda", device_total=big, cap=2)["value"] == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        memory.auto_batch_size(model, cfg, (64, 16), device="cuda", cap=0)
+
+
+def test_auto_batch_size_of_layer_sequential_methods():
+    model = make_llama()
+    cfg = surgeon.WandaConfig(sparsity=0.5)
+    shape = (16, 64)
+    needs = [memory.sequential_bytes(model, shape, batch_size=b) for b in range(1, 9)]
+    assert all(a < b for a, b in zip(needs, needs[1:]))
+    assert needs[0] > memory._weight_bytes(model) + 16 * 64 * 32 * 4  # weights and every window's hidden state
+    got = memory.auto_batch_size(model, cfg, shape, device="cuda", device_total=int(needs[4] / memory.AUTO_MARGIN) + 1)
+    assert got["value"] == 5 and got["basis"] == "layer-sequential estimate"
+
+
+def test_prune_without_batch_size_chooses_and_records_one(calib, caplog):
+    model = make_llama()
+    cfg = SurgeonConfig(structure="structured", sparsity=0.2, shots=1)
+    with caplog.at_level(logging.INFO, logger="surgeon"):
+        report = surgeon.prune(model, cfg, calib, device="cpu", progress=False)
+    chosen = report.extra["batch_size"]
+    assert chosen["auto"] and 1 <= chosen["value"] <= memory.AUTO_BATCH_CAP["cpu"]
+    assert chosen["value"] == 4  # 8 windows of a tiny model: the CPU cap
+    assert f"calibration batch size {chosen['value']} (automatic" in caplog.text
+    assert report.extra["memory_plan"]["batch_size"] == chosen["value"]  # the run used it
+    given = surgeon.prune(make_llama(), cfg, calib, device="cpu", progress=False, batch_size=3)
+    assert given.extra["batch_size"] == {"value": 3, "auto": False}
+    assert given.extra["memory_plan"]["batch_size"] == 3
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer or None"):
+            surgeon.prune(make_llama(), cfg, calib, device="cpu", progress=False, batch_size=bad)
