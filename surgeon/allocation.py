@@ -167,8 +167,10 @@ def _uniform(groups: Sequence[StructureGroup], costs: list[torch.Tensor], budget
     """The same removal counts in every layer: the attention counts are enumerated, the MLP count fills
     the rest of the budget, and the mix with the least summed cost wins.
 
-    Mixes that leave different amounts of the budget unspent are compared fairly by pricing the unspent
-    parameters at the per-parameter cost of the next MLP step of that mix.
+    The MLP moves in steps (one channel, or one multiple when aligned), so no mix spends the budget
+    exactly: each mix is scored by its cost interpolated to the budget between the MLP step below and the
+    step above it, and takes the nearer of the two (the size lands within half a step per layer of the
+    target, on either side, as when widths are rounded at the end).
     """
     layers = sorted({g.layer for g in groups})
     by_layer = {i: [gi for gi, g in enumerate(groups) if g.layer == i] for i in layers}
@@ -208,23 +210,26 @@ def _uniform(groups: Sequence[StructureGroup], costs: list[torch.Tensor], budget
         if left < 0:
             continue
         step = max(i for i, k in enumerate(mlp_counts) if k * pps <= left)
-        k_mlp = mlp_counts[step]
-        spent = n_layers * (per_layer + k_mlp * pps)
-        cost = float(sum(prefix[j][k] for j, k in zip(attn, combo)) + prefix[mlp][k_mlp])
-        short = budget - spent
-        score: float | None = cost
-        if short > 0:
-            if step + 1 < len(mlp_counts):
-                k2 = mlp_counts[step + 1]
-                score = cost + short * float(prefix[mlp][k2] - prefix[mlp][k_mlp]) / (n_layers * (k2 - k_mlp) * pps)
-            else:  # the MLP cannot give more: only a last resort
-                score = None
-        cands.append((score, spent, cost, (*combo, k_mlp)))
+        attn_cost = float(sum(prefix[j][k] for j, k in zip(attn, combo)))
+
+        def spent(k: int) -> int:
+            return n_layers * (per_layer + k * pps)
+
+        lo = mlp_counts[step]
+        cost = attn_cost + float(prefix[mlp][lo])
+        if step + 1 < len(mlp_counts):  # the MLP step below and above the budget, the nearer one taken
+            hi = mlp_counts[step + 1]
+            rate = float(prefix[mlp][hi] - prefix[mlp][lo]) / (spent(hi) - spent(lo))
+            score: float | None = cost + (budget - spent(lo)) * rate
+            k_mlp = lo if budget - spent(lo) <= spent(hi) - budget else hi
+        else:  # the MLP cannot give more: a last resort unless the budget is met
+            score, k_mlp = (cost if spent(lo) == budget else None), lo
+        cands.append((score, spent(k_mlp), attn_cost + float(prefix[mlp][k_mlp]), (*combo, k_mlp)))
     if not cands:
         return [torch.zeros(0, dtype=torch.long) for _ in groups]
     scored = [c for c in cands if c[0] is not None]
     if scored:
-        counts = min(scored, key=lambda c: (c[0], -c[1]))[3]
+        counts = min(scored, key=lambda c: (c[0], abs(budget - c[1])))[3]
     else:  # no mix can spend the budget: the one that frees most, then the cheapest
         counts = min(cands, key=lambda c: (-c[1], c[2]))[3]
     picks = []
