@@ -20,8 +20,9 @@ def select_budget(
     weights: Sequence[int],
     budget: int,
     *,
-    min_keep: int = 1,
+    min_keep: int | Sequence[int] = 1,
     fill: bool = True,
+    exclude: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Indices to remove from each cost array, spending at most ``budget`` parameters.
 
@@ -29,16 +30,27 @@ def select_budget(
     longest prefix of the global cost order that fits the budget is taken (the native weighted
     threshold); with ``fill`` the leftover budget is then spent on later structures that still fit
     (small MLP channels after a large head group), so the final size lands within one smallest
-    structure of the target. The ``min_keep`` most expensive structures of each array are never taken.
+    structure of the target. The ``min_keep`` most expensive structures of each array (one count for
+    all arrays, or one per array) are never taken, nor are the positions in ``exclude[i]`` (structures
+    already taken by an earlier call); guarded positions are counted among those not excluded.
     """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
+    keeps = [int(min_keep)] * len(costs) if isinstance(min_keep, int) else [int(k) for k in min_keep]
+    if len(keeps) != len(costs) or (exclude is not None and len(exclude) != len(costs)):
+        raise ValueError(f"min_keep and exclude need one entry per cost array ({len(costs)})")
     guarded = []
-    for c in costs:
+    for i, c in enumerate(costs):
         c = c.detach().float().flatten().cpu().clone()
-        if min_keep and c.numel():  # the last entries of the array's own order (ties: highest position)
+        ex = exclude[i] if exclude is not None else None
+        if ex is not None and ex.numel():
+            c[torch.as_tensor(ex, dtype=torch.long).cpu()] = float("inf")
+        live = int(torch.isfinite(c).sum()) if ex is not None else c.numel()
+        k = min(keeps[i], live)
+        if k > 0:  # the last entries of the array's own order among the live ones (ties: highest position)
             order = torch.sort(c, stable=True).indices
-            c[order[-min(min_keep, c.numel()):]] = float("inf")
+            order = order[torch.isfinite(c[order])] if ex is not None else order
+            c[order[-k:]] = float("inf")
         guarded.append(c)
     finite = sum(int(torch.isfinite(c).sum()) * int(w) for c, w in zip(guarded, weights))
     budget = min(budget, finite)  # guarded (+inf) entries sort last: never let the prefix reach them

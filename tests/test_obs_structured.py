@@ -225,3 +225,58 @@ def test_many_rows_vectorised():
     torch.testing.assert_close(costs[17], 0.5 * W[17] @ A @ W[17] / Ginv[17, 17])
     blocks = row_costs(W, A, Ginv, block=64)
     assert blocks.shape == (64,) and bool((blocks > 0).all())
+
+
+def equal_sets(data, n: int) -> torch.Tensor:
+    """A random partition of ``range(n)`` into sets of one size (e.g. one query head of every KV group)."""
+    size = data.draw(st.sampled_from([b for b in range(1, n + 1) if n % b == 0]))
+    perm = torch.as_tensor(data.draw(st.permutations(range(n))))
+    return perm.view(n // size, size)
+
+
+@given(R=dims, C=dims, seed=seeds, data=st.data())
+def test_costs_of_arbitrary_index_sets_match_dense(R, C, seed, data):
+    """Rows (columns) that are not consecutive, priced as one structure: the dense OBS cost of each set."""
+    W, G, A = problem(R, C, seed)
+    F = torch.kron(G, A)
+    rs, cs = equal_sets(data, R), equal_sets(data, C)
+    rc = row_costs(W, A, torch.linalg.inv(G), sets=rs)
+    cc = col_costs(W, G, torch.linalg.inv(A), sets=cs)
+    torch.testing.assert_close(rc, torch.stack([dense_obs(W, F, entries(R, C, rows=s.tolist()))[1] for s in rs]),
+                               rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(cc, torch.stack([dense_obs(W, F, entries(R, C, cols=s.tolist()))[1] for s in cs]),
+                               rtol=1e-7, atol=1e-10)
+
+
+@given(R=dims, C=dims, seed=seeds, data=st.data())
+def test_consecutive_sets_equal_blocks(R, C, seed, data):
+    W, G, A = problem(R, C, seed)
+    block = data.draw(st.sampled_from([b for b in range(1, R + 1) if R % b == 0]))
+    Ginv = torch.linalg.inv(G)
+    torch.testing.assert_close(row_costs(W, A, Ginv, block=block),
+                               row_costs(W, A, Ginv, sets=torch.arange(R).view(-1, block)), rtol=0, atol=0)
+
+
+@given(R=dims, C=st.integers(2, 8), seed=seeds, data=st.data())
+def test_column_update_is_the_least_squares_optimum(R, C, seed, data):
+    """Removing input columns C of a linear with the A⁻¹ update is the layer's least-squares optimum:
+    ``min ‖X W₀ᵀ − X Wᵀ‖²`` over W with ``W[:, C] = 0``, whatever G (the output side is untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    N = C + data.draw(st.integers(1, 8))
+    X = torch.randn(N, C, generator=gen, dtype=DT)
+    W = torch.randn(R, C, generator=gen, dtype=DT)
+    cols = subset(data, C)[: C - 1]
+    keep = [j for j in range(C) if j not in cols]
+    W_new, _ = remove_cols(W, torch.linalg.inv(X.T @ X / N), cols)
+    ref = torch.zeros_like(W)
+    ref[:, keep] = torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T
+    torch.testing.assert_close(W_new, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_bad_sets_are_refused():
+    W, G, A = problem(4, 6, 0)
+    Ginv = torch.linalg.inv(G)
+    with pytest.raises(IndexError, match="out of range"):
+        row_costs(W, A, Ginv, sets=torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match=r"\[n, size\]"):
+        row_costs(W, A, Ginv, sets=torch.tensor([0, 1]))

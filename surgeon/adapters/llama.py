@@ -1,14 +1,19 @@
 """Llama-family decoders: Llama, Mistral, Qwen2/Qwen3, SmolLM2 (grouped-query attention included).
 
-Attention is pruned by whole key/value groups: a KV head together with the query heads that read it.
-Removing only some query heads of a group would leave groups of unequal size, which the stock attention
-code (one ``num_key_value_groups`` per module) cannot run; removing whole groups keeps every pruned layer
-a plain Llama layer with fewer heads, so inference kernels (SDPA, flash attention) work unchanged.
+Attention shrinks in two ways that both leave a plain Llama layer, which the stock attention code (one
+``num_key_value_groups`` per module) and inference kernels (SDPA, flash attention) run unchanged:
+
+- whole key/value groups ("attn"): a KV head together with the query heads that read it;
+- query slots ("query"): the same query position in every KV group, so each group keeps its KV head and
+  all groups keep the same number of queries. A slot is ``1 / queries_per_kv`` of the layer's queries,
+  finer than a KV group and without touching the KV cache.
+
+Removing only some query heads of one group would leave groups of unequal size, which no stock kernel runs.
 """
 
 from __future__ import annotations
 
-from .base import ModelAdapter, Part, StructureGroup
+from .base import ATTENTION_KINDS, Attention, ModelAdapter, Part, StructureGroup
 
 
 class LlamaAdapter(ModelAdapter):
@@ -20,6 +25,9 @@ class LlamaAdapter(ModelAdapter):
     @property
     def queries_per_kv(self) -> int:
         return self.layers[0].self_attn.num_key_value_groups
+
+    def dense_queries_per_kv(self) -> int:
+        return self.config.num_attention_heads // self.config.num_key_value_heads
 
     def layer_linear_names(self) -> tuple[str, ...]:
         return (
@@ -35,23 +43,38 @@ class LlamaAdapter(ModelAdapter):
             ("mlp.down_proj",),
         )
 
-    def structure_groups(self) -> list[StructureGroup]:
-        hd, rep = self.head_dim, self.queries_per_kv
-        hidden = self.config.hidden_size
+    def structure_groups(self, attention: Attention = "kv_group") -> list[StructureGroup]:
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        hd, hidden = self.head_dim, self.config.hidden_size
         groups = []
         for i, layer in enumerate(self.layers):
             p = f"{self.layer_prefix}.{i}"
-            groups.append(StructureGroup(
-                name=f"{p}.self_attn", kind="attn", layer=i,
-                parts=(
-                    Part(f"{p}.self_attn.q_proj", "row", rep * hd),
-                    Part(f"{p}.self_attn.k_proj", "row", hd),
-                    Part(f"{p}.self_attn.v_proj", "row", hd),
-                    Part(f"{p}.self_attn.o_proj", "col", rep * hd),
-                ),
-                count=layer.self_attn.k_proj.out_features // hd,
-                params_per_structure=hidden * hd * (2 * rep + 2),
-            ))
+            attn = layer.self_attn
+            n_kv = attn.k_proj.out_features // hd
+            rep = attn.q_proj.out_features // (hd * n_kv)  # queries per KV group in this layer
+            if attention in ("kv_group", "both"):
+                groups.append(StructureGroup(
+                    name=f"{p}.self_attn", kind="attn", layer=i,
+                    parts=(
+                        Part(f"{p}.self_attn.q_proj", "row", rep * hd),
+                        Part(f"{p}.self_attn.k_proj", "row", hd),
+                        Part(f"{p}.self_attn.v_proj", "row", hd),
+                        Part(f"{p}.self_attn.o_proj", "col", rep * hd),
+                    ),
+                    count=n_kv,
+                    params_per_structure=hidden * hd * (2 * rep + 2),
+                ))
+            if attention in ("query", "both"):
+                groups.append(StructureGroup(
+                    name=f"{p}.self_attn.query", kind="query", layer=i,
+                    parts=(
+                        Part(f"{p}.self_attn.q_proj", "row", hd, stride=rep * hd, repeats=n_kv),
+                        Part(f"{p}.self_attn.o_proj", "col", hd, stride=rep * hd, repeats=n_kv),
+                    ),
+                    count=rep,
+                    params_per_structure=2 * hidden * hd * n_kv,
+                ))
             groups.append(StructureGroup(
                 name=f"{p}.mlp", kind="mlp", layer=i,
                 parts=(
@@ -61,5 +84,15 @@ class LlamaAdapter(ModelAdapter):
                 ),
                 count=layer.mlp.gate_proj.out_features,
                 params_per_structure=3 * hidden,
+                full_count=self.config.intermediate_size,
             ))
         return groups
+
+    def _after_resize(self, layer: int) -> None:
+        attn = self.layers[layer].self_attn
+        n_kv = attn.k_proj.out_features // attn.head_dim
+        n_q = attn.q_proj.out_features // attn.head_dim
+        attn.num_key_value_groups = n_q // n_kv
+        for name, value in (("num_heads", n_q), ("num_key_value_heads", n_kv)):  # older transformers cache these
+            if hasattr(attn, name):
+                setattr(attn, name, value)

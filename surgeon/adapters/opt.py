@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ModelAdapter, Part, StructureGroup
+from .base import ATTENTION_KINDS, Attention, ModelAdapter, Part, StructureGroup
 
 
 class OPTAdapter(ModelAdapter):
@@ -17,7 +17,10 @@ class OPTAdapter(ModelAdapter):
     def input_groups(self) -> tuple[tuple[str, ...], ...]:
         return (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",))
 
-    def structure_groups(self) -> list[StructureGroup]:
+    def structure_groups(self, attention: Attention = "kv_group") -> list[StructureGroup]:
+        """Multi-head attention: a head is its own KV group and query slot, so every ``attention`` gives heads."""
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         hd, hidden = self.head_dim, self.config.hidden_size
         groups = []
         for i, layer in enumerate(self.layers):
@@ -38,6 +41,7 @@ class OPTAdapter(ModelAdapter):
                 parts=(Part(f"{p}.fc1", "row", 1), Part(f"{p}.fc2", "col", 1)),
                 count=layer.fc1.out_features,
                 params_per_structure=2 * hidden,
+                full_count=self.config.ffn_dim,
             ))
         return groups
 

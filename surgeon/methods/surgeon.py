@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import _backend, distributed
+from .. import _backend, allocation, distributed
+from ..adapters.base import Part, StructureGroup
 from ..config import MethodConfig, option
 from ..curvature import KFactors, cast_factors, equalize_norms, estimate_kfac
 from ..linalg import damped_inverse
@@ -52,8 +53,29 @@ class SurgeonConfig(MethodConfig):
     lowrank_lr: float = option(1e-4, "learning rate of the low-rank update (Adam)")
     nm_allocation: str = option("layer", "N:M shots before the last: 'layer' moves every linear toward its pattern at "
                                          "the same pace; 'global' lets one threshold across layers choose")
-    align: int = option(1, "structured: round each layer's MLP width to a multiple of this in the last shot "
-                           "(8 or 64 suit GPU matrix units; 1 = exact size)")
+    align: int = option(64, "structured: keep each layer's MLP width a multiple of this (multiples of 64 keep bf16 "
+                            "GPU matrix kernels on their fast paths; small layers use a smaller power-of-two share of "
+                            "it; 1 = exact size)")
+    # -- structured pruning: what a structure is, how it is priced, compensated and allocated --------------
+    align_when: str = option("end", "structured: 'end' rounds each layer's MLP width to the multiple in the last shot; "
+                                    "'shot' removes MLP channels in chunks of that many in every shot",
+                             choices=("end", "shot"))
+    structured_update: str = option("all", "structured OBS update: 'all' updates the weights around every part of a "
+                                           "removed structure (gate/up/q/k/v rows through G^-1, down/o columns through "
+                                           "A^-1); 'output' only the down/o columns (the least-squares optimum of that "
+                                           "linear) and slices the input-side rows away",
+                                    choices=("all", "output"))
+    structured_cost: str = option("sum", "price of a structure: 'sum' of every part's OBS cost, or 'output' the cost "
+                                         "of its down/o columns alone (the loss of silencing it)",
+                                  choices=("sum", "output"))
+    structured_rank: str = option("cost", "global order of structures: 'cost' (loss increase) or 'per_param' (loss "
+                                          "per freed parameter, a knapsack greedy)", choices=("cost", "per_param"))
+    attention: str = option("kv_group", "attention structure: 'kv_group' (a KV head and its queries), 'query' (one "
+                                        "query head of every KV group; KV heads stay) or 'both'",
+                            choices=("kv_group", "query", "both"))
+    allocation: str = option("global", "structured: 'global' lets the costs choose every layer's share; 'uniform' "
+                                       "removes the same numbers from every layer (one shape, a stock config)",
+                             choices=("global", "uniform"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,7 +83,10 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"shots must be >= 1, got {self.shots}")
         checks = {"schedule": ("linear", "cubic", "exponential"), "fisher": ("empirical", "sampled"),
                   "curvature": ("kfac", "activations"), "correlation": ("full", "row", "none"),
-                  "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "global")}
+                  "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "global"),
+                  "align_when": ("end", "shot"), "structured_update": ("all", "output"),
+                  "structured_cost": ("sum", "output"), "structured_rank": ("cost", "per_param"),
+                  "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -148,38 +173,19 @@ class _Inverses:
         return self._last[1]
 
 
-def _align_widths(groups: list, costs: list[torch.Tensor], picked: list[torch.Tensor], align: int) -> list[torch.Tensor]:
-    """Move each MLP group's remaining width to the nearest multiple of ``align`` (ties: narrower).
-
-    Widths that are multiples of 8/64 keep GPU matrix units on their fast paths; the price is a total
-    size within ``align / 2`` channels per layer of the target instead of within one channel.
-    """
-    out = []
-    for g, c, rm in zip(groups, costs, picked):
-        left = g.count - rm.numel()
-        if g.kind != "mlp" or g.count < align or left % align == 0:
-            out.append(rm)
-            continue
-        low = max(align, left // align * align)
-        want = low if left - low <= (low + align) - left or low + align > g.count else low + align
-        c = c.detach().float().cpu()
-        taken = torch.zeros(g.count, dtype=torch.bool)
-        taken[rm] = True
-        if want < left:  # remove the cheapest of those still kept
-            order = torch.sort(torch.where(taken, torch.inf, c), stable=True).indices
-            taken[order[: left - want]] = True
-        else:  # keep the most expensive of those picked
-            order = torch.sort(torch.where(taken, c, -torch.inf), descending=True, stable=True).indices
-            taken[order[: want - left]] = False
-        out.append(taken.nonzero().flatten())
-    return out
-
-
 def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: int, final: bool = False) -> dict[str, Any]:
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
     adapter = ctx.adapter
-    groups = adapter.structure_groups()
-    names = sorted({p.linear for g in groups for p in g.parts})
+    groups = adapter.structure_groups(attention=cfg.attention)  # type: ignore[arg-type]
+
+    def priced(g: StructureGroup) -> tuple[Part, ...]:
+        return g.output_parts if cfg.structured_cost == "output" else g.parts
+
+    def compensates(axis: str) -> bool:
+        return cfg.update and (cfg.structured_update == "all" or axis == "col")
+
+    # only the linears that are priced or updated need curvature ('output' alone: o_proj and down_proj)
+    names = sorted({p.linear for g in groups for p in g.parts if p in priced(g) or compensates(p.axis)})
     with ctx.phase("curvature"):
         factors = _factors(ctx, names, shot)
     inv = _Inverses(factors, cfg)
@@ -187,42 +193,40 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
         costs = []
         for g in groups:
             c = None
-            for p in g.parts:
+            for p in priced(g):
                 W = adapter.module(p.linear).weight.detach().float()
                 f = factors[p.linear]
                 dev = W.device
+                sets = p.sets(g.count).to(dev)
                 if p.axis == "row":
-                    pc = sobs.row_costs(W, f.A.to(dev), inv.G(p.linear, dev), block=p.block)
+                    pc = sobs.row_costs(W, f.A.to(dev), inv.G(p.linear, dev), sets=sets)
                 else:
-                    pc = sobs.col_costs(W, f.G.to(dev), inv.A(p.linear, dev), block=p.block)
+                    pc = sobs.col_costs(W, f.G.to(dev), inv.A(p.linear, dev), sets=sets)
                 c = pc if c is None else c + pc
             costs.append(c)
     current = adapter.prunable_params()
     budget = max(0, int(target_sparsity * params0) - (params0 - current))
     with ctx.phase("threshold"):
-        picked = select_budget(costs, [g.params_per_structure for g in groups], budget)
-        if final and cfg.align > 1:
-            picked = _align_widths(groups, costs, picked, cfg.align)
-    est = 0.0
+        picked = allocation.plan(groups, costs, budget, lambda picks: adapter.freed_params(list(zip(groups, picks))),
+                                 rank=cfg.structured_rank, allocation=cfg.allocation, align=cfg.align,
+                                 align_every=cfg.align_when == "shot", final=final)
+    removals = [(g, rm) for g, rm in zip(groups, picked) if rm.numel()]
+    est = sum(float(c[rm.to(c.device)].sum()) for (g, rm), c in zip(zip(groups, picked), costs) if rm.numel())
     with ctx.phase("update"):
-        for g, c, rm in zip(groups, costs, picked):
-            if rm.numel() == 0:
+        # one joint solve per linear over everything it loses (KV groups and query slots share q/o)
+        for (name, axis), lost in adapter.dropped(removals).items():
+            if not compensates(axis):
                 continue
-            est += float(c[rm.to(c.device)].sum())
-            for p in g.parts:
-                lin = adapter.module(p.linear)
-                idx = p.indices(rm).to(lin.weight.device)
-                if cfg.update:
-                    W = lin.weight.detach().float()
-                    if p.axis == "row":
-                        W_new, _ = sobs.remove_rows(W, inv.G(p.linear, W.device), idx)
-                    else:
-                        W_new, _ = sobs.remove_cols(W, inv.A(p.linear, W.device), idx)
-                    lin.weight.data.copy_(W_new.to(lin.weight.dtype))
-            keep = torch.ones(g.count, dtype=torch.bool)
-            keep[rm] = False
-            adapter.keep_structures(g, keep.nonzero().flatten())
-    removed = {g.name: int(r.numel()) for g, r in zip(groups, picked) if r.numel()}
+            lin = adapter.module(name)
+            W = lin.weight.detach().float()
+            idx = lost.nonzero().flatten().to(W.device)
+            if axis == "row":
+                W_new, _ = sobs.remove_rows(W, inv.G(name, W.device), idx)
+            else:
+                W_new, _ = sobs.remove_cols(W, inv.A(name, W.device), idx)
+            lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        adapter.remove_structures(removals)
+    removed = {g.name: int(r.numel()) for g, r in removals}
     return {"estimated_loss": est, "removed_structures": int(sum(removed.values())), "removed_by_group": removed}
 
 

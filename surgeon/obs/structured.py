@@ -33,27 +33,29 @@ __all__ = ["col_costs", "remove", "remove_cols", "remove_rows", "row_costs"]
 Index = Tensor | Sequence[int]
 
 
-def row_costs(W: Tensor, A: Tensor, Ginv: Tensor, block: int = 1) -> Tensor:
+def row_costs(W: Tensor, A: Tensor, Ginv: Tensor, block: int = 1, sets: Tensor | None = None) -> Tensor:
     """Cost of removing each block of ``block`` consecutive rows on its own: ``[R // block]``.
 
     ``cost_B = ½ tr(Ginv[B, B]⁻¹ W_B A W_Bᵀ)``; for ``block=1`` this is ``½ W_i A W_iᵀ / Ginv_ii``.
-    Blocks (e.g. attention heads) are solved in one batched call.
+    Blocks (e.g. attention heads) are solved in one batched call. ``sets`` (``[n, b]`` row indices)
+    prices arbitrary blocks of equal size instead, e.g. one query head of every KV group: ``[n]``.
     """
     R, C = _check(W, A, Ginv, "A", "Ginv")
     dt = _dtype(W, A, Ginv)
     W, A, Ginv = (t.to(device=W.device, dtype=dt) for t in (W, A, Ginv))
-    return _block_costs(W, A, Ginv, block)
+    return _block_costs(W, A, Ginv, _sets(R, block, sets, W.device))
 
 
-def col_costs(W: Tensor, G: Tensor, Ainv: Tensor, block: int = 1) -> Tensor:
+def col_costs(W: Tensor, G: Tensor, Ainv: Tensor, block: int = 1, sets: Tensor | None = None) -> Tensor:
     """Cost of removing each block of ``block`` consecutive columns on its own: ``[C // block]``.
 
-    ``cost_B = ½ tr(Ainv[B, B]⁻¹ W[:, B]ᵀ G W[:, B])``: the row formula applied to ``Wᵀ``.
+    ``cost_B = ½ tr(Ainv[B, B]⁻¹ W[:, B]ᵀ G W[:, B])``: the row formula applied to ``Wᵀ``; ``sets`` as
+    in :func:`row_costs`, for columns.
     """
     _check(W.mT, G, Ainv, "G", "Ainv")
     dt = _dtype(W, G, Ainv)
     W, G, Ainv = (t.to(device=W.device, dtype=dt) for t in (W, G, Ainv))
-    return _block_costs(W.mT, G, Ainv, block)
+    return _block_costs(W.mT, G, Ainv, _sets(W.shape[1], block, sets, W.device))
 
 
 def remove_rows(W: Tensor, Ginv: Tensor, rows: Index, A: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -144,20 +146,32 @@ def _index(sel: Index, n: int, device: torch.device) -> Tensor:
     return torch.unique(idx)
 
 
-def _block_costs(W: Tensor, N: Tensor, Pinv: Tensor, block: int) -> Tensor:
-    """``½ tr(Pinv[B, B]⁻¹ W_B N W_Bᵀ)`` for consecutive row blocks B of ``W``, dead rows excluded."""
-    R, C = W.shape
-    if block < 1 or R % block:
-        raise ValueError(f"block {block} does not divide the {R} rows")
+def _sets(n: int, block: int, sets: Tensor | None, device: torch.device) -> Tensor:
+    """``[n_sets, size]`` indices: consecutive blocks of ``block``, or the given ``sets`` checked."""
+    if sets is None:
+        if block < 1 or n % block:
+            raise ValueError(f"block {block} does not divide the {n} rows")
+        return torch.arange(n, device=device).view(n // block, block)
+    sets = torch.as_tensor(sets, device=device).long()
+    if sets.ndim != 2 or sets.shape[1] < 1:
+        raise ValueError(f"sets must be [n, size] with size >= 1, got shape {tuple(sets.shape)}")
+    if sets.numel() and (int(sets.min()) < 0 or int(sets.max()) >= n):
+        raise IndexError(f"set index out of range for size {n}")
+    return sets
+
+
+def _block_costs(W: Tensor, N: Tensor, Pinv: Tensor, sets: Tensor) -> Tensor:
+    """``½ tr(Pinv[B, B]⁻¹ W_B N W_Bᵀ)`` for the row sets B of ``W`` (rows of ``sets``), dead rows excluded."""
+    nb, block = sets.shape
     d = Pinv.diagonal()
     WN = W @ N
     if block == 1:
-        num = (WN * W).sum(1)
-        return torch.where(d > 0, 0.5 * num / torch.where(d > 0, d, 1), 0)
-    nb = R // block
-    M = torch.bmm(WN.reshape(nb, block, C), W.reshape(nb, block, C).mT)  # W_B N W_Bᵀ
-    S = Pinv.reshape(nb, block, nb, block).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # Pinv[B, B]
-    live = (d > 0).reshape(nb, block)
+        num = (WN * W).sum(1)[sets[:, 0]]
+        dd = d[sets[:, 0]]
+        return torch.where(dd > 0, 0.5 * num / torch.where(dd > 0, dd, 1), 0)
+    M = torch.bmm(WN[sets], W[sets].mT)  # W_B N W_Bᵀ
+    S = Pinv[sets[:, :, None], sets[:, None, :]]  # Pinv[B, B]
+    live = d[sets] > 0
     both = live.unsqueeze(2) & live.unsqueeze(1)
     # tr(S_LL⁻¹ M_LL) over the live subset L of each block, batched: dead entries become an
     # identity block of S and a zero block of M, which adds nothing to the trace.
