@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import methods  # noqa: F401  (registers the methods)
+from . import determinism, methods  # noqa: F401  (methods: registers them)
 from .adapters import adapter_for
 from .config import MethodConfig
 from .data import as_token_windows
@@ -125,6 +125,7 @@ def prune(
     on_shot: Any = None,
     checkpoint: Any = None,
     resume_state: dict[str, Any] | None = None,
+    deterministic: bool = False,
 ) -> Report:
     """Prune ``model`` in place with the method that ``config`` names, and return the run's report.
 
@@ -133,7 +134,17 @@ def prune(
     from text). The model is moved to ``device`` (a GPU when there is one). ``autocast="auto"`` runs the
     calibration passes in bf16 on GPUs while weights, statistics and updates stay in fp32.
     Structured pruning leaves a physically smaller model; the others leave exact zeros.
+    ``deterministic=True`` runs inside :func:`surgeon.determinism.deterministic` (math attention,
+    deterministic algorithms, no TF32): the same call gives the same weights, at some cost in speed.
     """
+    with determinism.deterministic(deterministic):
+        return _prune(model, config, calibration, device=device, batch_size=batch_size, autocast=autocast,
+                      progress=progress, on_shot=on_shot, checkpoint=checkpoint, resume_state=resume_state)
+
+
+def _prune(model: nn.Module, config: MethodConfig, calibration: Any, *, device: torch.device | str | None,
+           batch_size: int, autocast: str | torch.dtype | None, progress: bool, on_shot: Any, checkpoint: Any,
+           resume_state: dict[str, Any] | None) -> Report:
     adapter, windows = validate(model, config, calibration, resume_state=resume_state)
     _, fn = get_method(config.method)
     if resume_state and resume_state.get("_config") not in (None, config.to_dict()):
@@ -159,6 +170,8 @@ def prune(
         versions=versions(),
     )
     report.params_before = sum(r["params_before"] for r in report.modules.values())
+    if determinism.active():
+        report.extra["deterministic"] = True
     if resume_state and resume_state.get("_report"):
         _continue_report(report, resume_state["_report"])
         prev_kept = resume_state["_report"].get("extra", {}).get("kept_structures", {})

@@ -137,6 +137,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                      help="write checkpoints at most this often (default: 0 = after every shot or layer)")
     run.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    run.add_argument("--deterministic", action="store_true", help="math attention, deterministic algorithms, no "
+                     "TF32: the same command gives the same weights (slower)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval", action="store_true", help="measure perplexity after pruning (WikiText-2 test, raw)")
     ev.add_argument("--eval-shots", action="store_true", help="also measure it after every shot (slow)")
@@ -413,7 +415,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
         with logging_redirect_tqdm(loggers=[logger]):
             report = prune(model, config, windows, device=device, batch_size=ns.batch_size, autocast=ns.autocast,
                            progress=not ns.quiet and main, on_shot=on_shot, checkpoint=checkpointer,
-                           resume_state=state)
+                           resume_state=state, deterministic=ns.deterministic)
             report.extra["calibration_source"] = run["calibration"]
             if ns.eval:
                 report.extra["eval"] = _perplexity(model, eval_ids, eval_desc, seqlen=eval_seqlen,
