@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import surgeon  # noqa: E402
-from surgeon import data, evaluate  # noqa: E402
+from surgeon import data, determinism, evaluate  # noqa: E402
 from surgeon.adapters import adapter_for  # noqa: E402
 from surgeon.methods import METHODS  # noqa: E402
 from surgeon.models import load_gguf  # noqa: E402
@@ -105,7 +105,8 @@ class Bench:
                          "ood_eval": f"pydoc (Python 3.11.7 reference documentation, shipped in surgeon/corpora), "
                                      f"seqlen {a.eval_seqlen}, {self.windows('ood_ppl')} windows",
                          "target": "structured rows: fraction of prunable linear weights remaining (target_kind=size); "
-                                   "others: fraction removed (target_kind=sparsity); embeddings and lm_head excluded"},
+                                   "others: fraction removed (target_kind=sparsity); embeddings and lm_head excluded",
+                         "deterministic": a.deterministic},
             "rows": self.rows,
         }
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--structured-step", type=float, default=0.025, help="size removed per structured shot")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation (smoke test)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="prune and evaluate in surgeon.determinism.deterministic() (same numbers every run, slower)")
     p.add_argument("--out", default="benchmarks/results/smollm2.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -208,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         args.shots, args.structured_step = 2, 0.1
         if args.out == p.get_default("out"):
             args.out = "benchmarks/results/smollm2-quick.json"
+    with determinism.deterministic(args.deterministic):
+        suite(args)
+    print(f"wrote {args.out}")
+
+
+def suite(args: argparse.Namespace) -> None:
     b = Bench(args)
     b.dense_row()
     if args.suite in ("structured", "all"):
@@ -228,7 +237,6 @@ def main(argv: list[str] | None = None) -> None:
             b.run("k-obd", structure, 0.5, shots=args.shots)
         for structure in ("unstructured", "2:4"):
             b.run("llm-surgeon", structure, 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

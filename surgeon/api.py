@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import determinism, distributed
 from . import methods  # noqa: F401  (registers the methods)
 from .adapters import adapter_for
 from .config import MethodConfig
@@ -130,6 +130,7 @@ def prune(
     on_shot: Any = None,
     checkpoint: Any = None,
     resume_state: dict[str, Any] | None = None,
+    deterministic: bool = False,
 ) -> Report:
     """Prune ``model`` in place with the method that ``config`` names, and return the run's report.
 
@@ -142,7 +143,17 @@ def prune(
     logged and recorded in ``report.extra["batch_size"]``. It changes speed and memory, not the result
     (beyond rounding): statistics are sums over tokens.
     Structured pruning leaves a physically smaller model; the others leave exact zeros.
+    ``deterministic=True`` runs inside :func:`surgeon.determinism.deterministic` (math attention,
+    deterministic algorithms, no TF32): the same call gives the same weights, at some cost in speed.
     """
+    with determinism.deterministic(deterministic):
+        return _prune(model, config, calibration, device=device, batch_size=batch_size, autocast=autocast,
+                      progress=progress, on_shot=on_shot, checkpoint=checkpoint, resume_state=resume_state)
+
+
+def _prune(model: nn.Module, config: MethodConfig, calibration: Any, *, device: torch.device | str | None,
+           batch_size: int, autocast: str | torch.dtype | None, progress: bool, on_shot: Any, checkpoint: Any,
+           resume_state: dict[str, Any] | None) -> Report:
     adapter, windows = validate(model, config, calibration, resume_state=resume_state)
     _, fn = get_method(config.method)
     if resume_state and resume_state.get("_config") not in (None, config.to_dict()):
@@ -179,6 +190,8 @@ def prune(
     )
     report.params_before = sum(r["params_before"] for r in report.modules.values())
     report.extra["batch_size"] = chosen
+    if determinism.active():
+        report.extra["deterministic"] = True
     if resume_state and resume_state.get("_report"):
         _continue_report(report, resume_state["_report"])
         prev_kept = resume_state["_report"].get("extra", {}).get("kept_structures", {})

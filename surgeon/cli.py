@@ -144,6 +144,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     run.add_argument("--no-model-cache", action="store_true", help="dequantise a GGUF model again instead of "
                      "loading its cached copy (cache: $SURGEON_CACHE, else ~/.cache/surgeon; SURGEON_CACHE=off)")
+    run.add_argument("--deterministic", action="store_true", help="math attention, deterministic algorithms, no "
+                     "TF32: the same command gives the same weights (slower)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval", action="store_true", help="measure perplexity after pruning (on every --eval-data text)")
     ev.add_argument("--eval-shots", action="store_true", help="also measure it after every shot (slow)")
@@ -462,7 +464,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             batch_size = None if ns.batch_size == "auto" else ns.batch_size
             report = prune(model, config, windows, device=device, batch_size=batch_size, autocast=ns.autocast,
                            progress=not ns.quiet and main, on_shot=on_shot, checkpoint=checkpointer,
-                           resume_state=state)
+                           resume_state=state, deterministic=ns.deterministic)
             report.extra["calibration_source"] = run["calibration"]
             if ns.eval:
                 measured = measure(quiet=ns.quiet)

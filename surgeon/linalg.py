@@ -14,7 +14,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_damping", "damped_inverse", "live_mask"]
+__all__ = ["add_damping", "damped", "damped_inverse", "live_mask"]
 
 
 def live_mask(M: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,17 @@ def add_damping(M: torch.Tensor, rel: float) -> torch.Tensor:
     eps = rel * mean if mean > 0 else M.new_tensor(rel)
     out = M.clone()
     out.diagonal().add_(eps)
+    return out
+
+
+def damped(M: torch.Tensor, rel_damp: float) -> torch.Tensor:
+    """The matrix that :func:`damped_inverse` inverts: the live block damped by ``rel_damp`` relative to
+    its mean diagonal, dead rows and columns left at zero (so they stay out of every product)."""
+    live = live_mask(M)
+    out = torch.zeros_like(M)
+    if bool(live.any()):
+        idx = live.nonzero().squeeze(1)
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = add_damping(M[live][:, live], rel_damp)
     return out
 
 

@@ -14,13 +14,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import _backend, allocation, distributed
+from .. import _backend, allocation, determinism, distributed
 from ..adapters.base import Part, StructureGroup
 from ..config import MethodConfig, option
 from ..curvature import KFactors, cast_factors, equalize_norms, estimate_kfac
-from ..linalg import damped_inverse
-from ..lowrank import lowrank_update
+from ..linalg import damped, damped_inverse
+from ..lowrank import dense_teacher, lowrank_update
 from ..memory import activation_checkpointing
+from ..obs import masked as mobs
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
 from ..selection import select_budget, select_count
@@ -76,6 +77,26 @@ class SurgeonConfig(MethodConfig):
     allocation: str = option("global", "structured: 'global' lets the costs choose every layer's share; 'uniform' "
                                        "removes the same numbers from every layer (one shape, a stock config)",
                              choices=("global", "uniform"))
+    # -- unstructured / N:M updates, curvature precision, low-rank fit (issue 16; the ablation compares them) --
+    constrain_removed: bool = option(False, "unstructured/N:M 'obs' update: solve with the weights removed in earlier "
+                                            "shots held at zero (else the update moves them, they are re-zeroed after "
+                                            "it and the compensation they carried is lost)")
+    solver: str = option("obs", "unstructured/N:M update once the shot's mask is chosen: 'obs' (closed-form OBS at the "
+                                "correlation level) or 'cg' (the exact masked optimum in G ⊗ A by conjugate gradient)")
+    reference: str = option("current", "unstructured/N:M update: the weights it reconstructs, 'current' (before the "
+                                       "shot) or 'dense' (before pruning; keeps a copy of the prunable weights)")
+    cg_iterations: int = option(200, "solver='cg': most conjugate-gradient iterations per linear and shot")
+    cg_tol: float = option(1e-5, "solver='cg': relative residual at which conjugate gradient stops")
+    curvature_fp32: bool = option(False, "K-FAC passes in fp32, no bf16 autocast and no TF32 (bf16 passes leave "
+                                         "about 8% relative error in early layers' G)")
+    lowrank_target: str = option("labels", "low-rank fit: 'labels' (the calibration text's next tokens) or 'dense' "
+                                           "(KL to the dense model's predictions; keeps a copy of the model)")
+    lowrank_holdout: float = option(0.0, "fraction of calibration windows held out of the low-rank fit; their loss "
+                                         "picks the step that is kept (0 = off)")
+    lowrank_eval_every: int = option(5, "low-rank steps between evaluations of the held-out loss")
+    lowrank_masked: bool = option(False, "train the low-rank adapters through the sparsity mask (what they learn "
+                                         "is what is kept)")
+    lowrank_final: bool = option(False, "fit a low-rank update after the last shot too")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +119,22 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"align must be >= 1, got {self.align}")
         if self.lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0, got {self.lowrank_rank}")
+        self._check_update_options()
+
+    def _check_update_options(self) -> None:
+        checks = {"solver": ("obs", "cg"), "reference": ("current", "dense"), "lowrank_target": ("labels", "dense")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.solver == "cg" and self.update and self.correlation != "full":
+            raise ValueError("solver='cg' solves the full G ⊗ A problem: it needs correlation='full' (for the exact "
+                             "per-row solve use solver='obs', correlation='row', constrain_removed=True)")
+        if self.cg_iterations < 1 or self.cg_tol < 0:
+            raise ValueError(f"need cg_iterations >= 1 and cg_tol >= 0, got {self.cg_iterations} and {self.cg_tol}")
+        if not 0.0 <= self.lowrank_holdout < 1.0:
+            raise ValueError(f"lowrank_holdout must be in [0, 1), got {self.lowrank_holdout}")
+        if self.lowrank_eval_every < 1:
+            raise ValueError(f"lowrank_eval_every must be >= 1, got {self.lowrank_eval_every}")
 
     @property
     def g_damping(self) -> float:
@@ -137,8 +174,9 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
         with activation_checkpointing(ctx.model, ctx.adapter.layers):
             factors = estimate_kfac(
                 ctx.model, modules, batches, fisher=cfg.fisher, seed=distributed.rank_seed(cfg.seed + shot),
-                autocast_dtype=ctx.autocast_dtype, device=ctx.device, offload=cfg.offload_factors,
-                tf32=ctx.device.type == "cuda", gradients=cfg.curvature == "kfac",
+                autocast_dtype=None if cfg.curvature_fp32 else ctx.autocast_dtype, device=ctx.device,
+                offload=cfg.offload_factors, gradients=cfg.curvature == "kfac",
+                tf32=ctx.device.type == "cuda" and not cfg.curvature_fp32 and not determinism.active(),
                 dtype=getattr(torch, cfg.accumulate), progress=lambda i, n: bar.update(1),
             )
     finally:
@@ -230,11 +268,35 @@ def _shot_structured(ctx: Context, shot: int, target_sparsity: float, params0: i
     return {"estimated_loss": est, "removed_structures": int(sum(removed.values())), "removed_by_group": removed}
 
 
+def _update_weights(cfg: SurgeonConfig, name: str, W: torch.Tensor, remove: torch.Tensor, keep: torch.Tensor,
+                    factors: KFactors, inv: _Inverses, dense: torch.Tensor | None) -> tuple[torch.Tensor, float, Any]:
+    """New weights of one linear with ``remove`` zeroed, the loss estimate, and the CG solution (or None).
+
+    With ``reference='dense'`` the update reconstructs the weights before pruning (under this shot's
+    curvature): the OBS path starts from them with every zero of the mask as a constraint, CG targets
+    them; the estimate is then the total loss relative to them, not this shot's increase.
+    """
+    dev = W.device
+    ref = None if dense is None else dense.to(dev, torch.float32)
+    if cfg.update and cfg.solver == "cg":
+        sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping),
+                                  damped(factors.A.to(dev), cfg.damp_a), inv.G(name, dev), inv.A(name, dev),
+                                  reference=ref, iterations=cfg.cg_iterations, tol=cfg.cg_tol)
+        return sol.weight, sol.loss, sol
+    whole = cfg.update and (cfg.constrain_removed or ref is not None)  # every zero of the mask is solved for
+    start = ref if cfg.update and ref is not None else W
+    W_new, cost = uobs.prune_weights(start, remove | ~keep if whole else remove, inv.G(name, dev), inv.A(name, dev),
+                                     correlation=cfg.correlation if cfg.update else "none",
+                                     max_correlate=cfg.max_correlate, keep_mask=None if whole else keep)
+    return W_new, cost, None
+
+
 def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: bool,
-                       masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+                       masks: dict[str, torch.Tensor], dense: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """One unstructured / N:M shot; ``masks`` (True = kept) are updated in place.
 
     Explicit masks, not ``W != 0``: dequantised checkpoints hold exact zeros that are live weights.
+    ``dense`` holds the weights before pruning (``reference='dense'``).
     """
     cfg: SurgeonConfig = ctx.config  # type: ignore[assignment]
     adapter = ctx.adapter
@@ -273,6 +335,7 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
                 mask[pos.to(c.device)] = True
                 removes.append(mask.view_as(c))
     est = 0.0
+    solves = []
     with ctx.phase("update"):
         for name, rm in zip(names, removes):
             lin = linears[name]
@@ -280,13 +343,35 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             rm = rm.to(W.device) & masks[name]
             if not bool(rm.any()):
                 continue
-            corr = cfg.correlation if cfg.update else "none"
-            W_new, cost = uobs.prune_weights(W, rm, inv.G(name, W.device), inv.A(name, W.device), correlation=corr,
-                                             max_correlate=cfg.max_correlate, keep_mask=masks[name])
+            W_new, cost, sol = _update_weights(cfg, name, W, rm, masks[name], factors[name], inv,
+                                               None if dense is None else dense[name])
             est += float(cost)
+            if sol is not None:
+                solves.append(sol)
             lin.weight.data.copy_(W_new.to(lin.weight.dtype))
             masks[name] &= ~rm
-    return {"estimated_loss": est}
+    rec: dict[str, Any] = {"estimated_loss": est}
+    if solves:
+        rec["cg"] = {"mean_iterations": sum(s.iterations for s in solves) / len(solves),
+                     "max_iterations": max(s.iterations for s in solves),
+                     "max_residual": max(s.residual for s in solves)}
+    return rec
+
+
+def _dense_copies(ctx: Context, cfg: SurgeonConfig) -> tuple[dict[str, torch.Tensor] | None, Any]:
+    """What ``reference='dense'`` (the prunable weights) and ``lowrank_target='dense'`` (a frozen copy of the
+    model, at the calibration passes' precision) keep of the model before pruning."""
+    weights = cfg.structure_kind != "structured" and cfg.update and cfg.reference == "dense"
+    model = cfg.lowrank_rank > 0 and cfg.lowrank_target == "dense"
+    if (weights or model) and ctx.resume_state:
+        raise ValueError("reference='dense' and lowrank_target='dense' need the model before pruning, which a "
+                         "resumed run no longer has; run from the start")
+    dense = None
+    if weights:
+        where = torch.device("cpu") if cfg.offload_factors else None
+        dense = {name: lin.weight.detach().to(where or lin.weight.device, copy=True)
+                 for name, lin in ctx.adapter.linears().items()}
+    return dense, dense_teacher(ctx.model, ctx.autocast_dtype) if model else None
 
 
 @register(SurgeonConfig)
@@ -307,6 +392,7 @@ def run(ctx: Context) -> None:
         for keep in masks.values():  # zeros beyond M - N in a group are live weights that happen to be 0
             groups = keep.view(keep.shape[0], -1, m)
             groups |= (~groups).cumsum(-1) > (m - n)
+    dense, teacher = _dense_copies(ctx, cfg)
     start = 0
     if ctx.resume_state:
         start = int(ctx.resume_state.get("next_shot", 0))
@@ -318,11 +404,16 @@ def run(ctx: Context) -> None:
         if structured:
             rec = _shot_structured(ctx, shot, target, params0, final=shot == cfg.shots - 1)
         else:
-            rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1, masks=masks)
-        if cfg.lowrank_rank > 0 and shot < cfg.shots - 1:
+            rec = _shot_unstructured(ctx, shot, target, final=shot == cfg.shots - 1, masks=masks, dense=dense)
+        if cfg.lowrank_rank > 0 and (shot < cfg.shots - 1 or cfg.lowrank_final):
             with ctx.phase("lowrank"):
-                rec["lowrank_loss"] = lowrank_update(ctx, rank=cfg.lowrank_rank, steps=cfg.lowrank_steps,
-                                                     lr=cfg.lowrank_lr, masks=masks or None)
+                info = lowrank_update(ctx, rank=cfg.lowrank_rank, steps=cfg.lowrank_steps, lr=cfg.lowrank_lr,
+                                      masks=masks or None, target=cfg.lowrank_target, teacher=teacher,
+                                      holdout=cfg.lowrank_holdout, eval_every=cfg.lowrank_eval_every,
+                                      masked=cfg.lowrank_masked)
+            rec["lowrank_loss"] = info.pop("loss")
+            if info:
+                rec["lowrank"] = info
         current = ctx.adapter.prunable_params() if structured else sum(int(k.sum()) for k in masks.values())
         rec.update(shot=shot + 1, target_sparsity=target, achieved_sparsity=1 - current / params0,
                    wall_s=time.perf_counter() - t0,
