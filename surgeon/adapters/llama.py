@@ -63,3 +63,15 @@ class LlamaAdapter(ModelAdapter):
                 params_per_structure=3 * hidden,
             ))
         return groups
+
+    def stock_config(self, shape: dict[str, int]) -> dict[str, int]:
+        """Head and width counts of a stock config whose layers all have ``shape``. ``head_dim`` is written
+        explicitly because ``hidden_size / num_attention_heads`` no longer gives it once heads are gone;
+        every model type of this family reads it from the config."""
+        groups = shape.get("attn", self.config.num_key_value_heads)
+        return {
+            "num_attention_heads": groups * self.queries_per_kv,
+            "num_key_value_heads": groups,
+            "intermediate_size": shape.get("mlp", self.config.intermediate_size),
+            "head_dim": self.head_dim,
+        }
