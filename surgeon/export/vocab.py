@@ -9,6 +9,7 @@ name; the name is recognised from the tokenizer's split expressions, or given.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -34,18 +35,27 @@ _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?
 _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
 _DIGITS = r"\p{N}"
-KNOWN_PRE = {(_GPT2,): "gpt2", (_DIGITS, _GPT2): "smollm", (_LLAMA3,): "llama-bpe", (_QWEN2,): "qwen2"}
+KNOWN_PRE = {(_GPT2,): "gpt-2", (_DIGITS, _GPT2): "smollm", (_LLAMA3,): "llama-bpe", (_QWEN2,): "qwen2"}
 
 
-def vocab_from_gguf(path: str | os.PathLike) -> Vocab:
-    """Every ``tokenizer.*`` key of a GGUF file, with its stored types."""
-    reader = gguf.GGUFReader(Path(path))
+@functools.lru_cache(maxsize=2)
+def _read_vocab(path: Path, mtime_ns: int, size: int) -> Vocab:  # the file's identity is part of the key
+    reader = gguf.GGUFReader(path)
     out: Vocab = {}
     for name, field in reader.fields.items():
         if name.startswith("tokenizer."):
             vtype = field.types[0]
             sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
             out[name] = (field.contents(), vtype, sub)
+    return out
+
+
+def vocab_from_gguf(path: str | os.PathLike) -> Vocab:
+    """Every ``tokenizer.*`` key of a GGUF file, with its stored types (the last two files read are
+    remembered: parsing a GGUF takes seconds)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    out = dict(_read_vocab(path, stat.st_mtime_ns, stat.st_size))
     if TOKENS not in out:
         raise ExportError(f"{path} holds no tokenizer.ggml.tokens: no vocabulary to copy")
     return out
@@ -139,7 +149,8 @@ def vocab_from_tokenizer(tokenizer: Any, *, pre: str | None = None) -> Vocab:
 
 def fit_rows(vocab: Vocab, rows: int) -> Vocab:
     """Pad the token list to the embedding's row count (unused placeholder tokens, as for a padded
-    embedding); llama.cpp requires one token per row. Refuses a vocabulary larger than the embedding."""
+    embedding); llama.cpp requires one token per row. Refuses a vocabulary larger than the embedding.
+    The lists given are never changed (they may be remembered by :func:`vocab_from_gguf`)."""
     tokens, vtype, sub = vocab[TOKENS]
     if len(tokens) > rows:
         raise ExportError(f"the vocabulary has {len(tokens)} tokens but the embedding only {rows} rows: "

@@ -111,7 +111,7 @@ def _vocab(model: nn.Module, tokenizer: Any, source_gguf: str | os.PathLike | No
     return vocab_from_tokenizer(tokenizer, pre=tokenizer_pre)
 
 
-def to_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dtype: str = "f32",
+def to_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dtype: str = "f16",
             source_gguf: str | os.PathLike | None = None, tokenizer_pre: str | None = None,
             name: str | None = None) -> Path:
     """Write ``model`` (pruned or not, per-layer shapes included) as a GGUF file for llama.cpp; returns the path.
