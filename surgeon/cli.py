@@ -3,6 +3,7 @@
     surgeon prune --model smollm2 --method llm-surgeon --structure structured --sparsity 0.2 --output out/
     surgeon eval out/ --seqlen 2048
     surgeon report out/
+    surgeon export out/ --gguf out.gguf
 
 ``surgeon prune --method NAME --help`` lists that method's options; they are built from the fields of its
 config dataclass, so the command line and the Python API always offer the same settings.
@@ -107,7 +108,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="surgeon", description="Prune Hugging Face causal LMs with second-order "
                                      "information (LLM Surgeon, FLAP, ADMM, SparseGPT, Wanda, magnitude).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,report,export}")
 
     p = sub.add_parser("prune", help="prune a model and write it, its report and a plot",
                        description="Prune a model. Add --method NAME --help to see that method's options.",
@@ -178,6 +179,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--plot", metavar="PNG", default=None, help="where to draw the plot (default: sparsity.png beside "
                    "the report)")
     r.add_argument("--no-plot", action="store_true", help="print only")
+    _add_export_parser(sub)
     return parser
 
 
@@ -570,6 +572,57 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+# -- export -------------------------------------------------------------------------------------------
+def _add_export_parser(sub: Any) -> None:
+    x = sub.add_parser("export", help="write a model (pruned ones included) for an inference runtime",
+                       description="Write a model as a GGUF file that llama.cpp runs: one shape in every layer as "
+                       "llama.cpp's llama architecture, per-layer shapes as its deci architecture. Models that "
+                       "llama.cpp cannot run are refused, naming the layer.")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a model folder (an output folder of surgeon prune, or any "
+                   "Hugging Face Llama-family folder)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    x.add_argument("--dtype", choices=("f32", "f16"), default="f16", help="weight matrices (default: f16)")
+    x.add_argument("--source-gguf", default=None, metavar="PATH", help="copy the tokenizer from this GGUF (default: "
+                   "the GGUF the run started from, e.g. SmolLM2's; else the folder's tokenizer.json)")
+    x.add_argument("--tokenizer-pre", default=None, metavar="NAME", help="llama.cpp's pre-tokenizer name, for a "
+                   "tokenizer.json whose pre-tokenizer is not recognised (e.g. llama-bpe, qwen2)")
+
+
+def _run_source_gguf(run_dir: Path) -> Path | None:
+    """The GGUF a ``surgeon prune`` run started from (its ``surgeon_config.json``), if it is one and still here."""
+    from .models import find_smollm2_gguf
+
+    cfg = run_dir / "surgeon_config.json"
+    if not cfg.is_file():
+        return None
+    spec = str(json.loads(cfg.read_text()).get("run", {}).get("model", ""))
+    if spec.lower() == "smollm2":
+        try:
+            return find_smollm2_gguf()
+        except FileNotFoundError:
+            return None
+    return Path(spec) if spec.lower().endswith(".gguf") and Path(spec).is_file() else None
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .export import ExportError, to_gguf
+    from .io import load_pruned
+
+    run_dir = Path(ns.run_dir).expanduser()
+    try:
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run_dir} holds no config.json: not a model folder")
+        model = load_pruned(run_dir)
+        source = Path(ns.source_gguf).expanduser() if ns.source_gguf else _run_source_gguf(run_dir)
+        tokenizer = None if source is not None else _tokenizer(str(run_dir))
+        out = to_gguf(model, tokenizer, ns.gguf, dtype=ns.dtype, source_gguf=source, tokenizer_pre=ns.tokenizer_pre,
+                      name=run_dir.resolve().name)
+    except (ExportError, ValueError, FileNotFoundError) as e:
+        raise _Refused(str(e)) from e
+    print(f"wrote {out} ({ns.dtype}); run it with llama.cpp, e.g. llama_cpp.Llama({str(out)!r})")
+    return 0
+
+
 # -- summary ------------------------------------------------------------------------------------------
 def _windows(ev: dict[str, Any]) -> str:
     of = f" of {ev['windows_available']}" if ev.get("windows_available") else ""
@@ -650,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prune(ns, argv)
         if ns.command == "eval":
             return cmd_eval(ns)
+        if ns.command == "export":
+            return cmd_export(ns)
         return cmd_report(ns)
     except _Refused as e:
         print(f"surgeon {ns.command}: error: {e}", file=sys.stderr)

@@ -2,11 +2,13 @@
 
 Unstructured and N:M models are ordinary dense checkpoints with exact zeros: plain
 ``AutoModelForCausalLM.from_pretrained`` loads them, and so does every tool built on ``transformers``.
-Structured pruning leaves layers of different sizes, which a stock config cannot describe, so the
-per-layer structure counts are stored in the config as ``surgeon_layer_shapes`` and :func:`load_pruned`
-rebuilds each layer at its size before loading the weights (``from_pretrained`` would refuse the
-mismatched shapes). ``load_pruned`` also loads unpruned and dense-with-zeros checkpoints, so it is always
-safe to use.
+Structured pruning that leaves every layer of a Llama-family model with the same shape is saved as a stock
+config (fewer heads, a smaller ``intermediate_size``, an explicit ``head_dim``): plain ``from_pretrained``
+loads it too. Layers of different sizes are something a stock config cannot describe, so their per-layer
+structure counts are stored in the config as ``surgeon_layer_shapes`` and :func:`load_pruned` rebuilds each
+layer at its size before loading the weights (``from_pretrained`` would refuse the mismatched shapes).
+``load_pruned`` also loads unpruned, uniform and dense-with-zeros checkpoints, so it is always safe to use.
+The live model's config is left as it was: only the saved copy describes the new shapes.
 
 Writes go to a hidden staging folder first and are moved into place file by file, and weight files left
 by an earlier save into the same folder are removed, so a folder never mixes shards of two models.
@@ -44,21 +46,52 @@ def _dense_shapes(config: Any) -> list[dict[str, int]]:
         return adapter_for(transformers.AutoModelForCausalLM.from_config(cfg)).layer_shapes()
 
 
-@contextlib.contextmanager
-def _without_gguf_marker(model: nn.Module):
-    """Hide a GGUF ``quantization_config`` while saving: the weights are plain dequantised tensors, and the
-    marker would make ``from_pretrained`` look for a GGUF file that the folder does not have."""
-    cfg = model.config
-    qc = getattr(cfg, "quantization_config", None)
+def _is_gguf_marker(qc: Any) -> bool:
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if qc is None or str(getattr(method, "value", method)).lower() != "gguf":
-        yield
-        return
-    del cfg.quantization_config
+    return qc is not None and str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def _saved_config_fields(model: nn.Module) -> dict[str, Any]:
+    """Config fields that the saved copy of ``model``'s config gets (a value of ``None`` drops the field).
+
+    A GGUF ``quantization_config`` is dropped: the weights are plain dequantised tensors, and the marker
+    would make ``from_pretrained`` look for a GGUF file that the folder does not have. Resized layers get
+    stock head and width counts when they all have one shape and the family's config can say it, and
+    ``surgeon_layer_shapes`` otherwise.
+    """
+    adapter = adapter_for(model)
+    shapes = adapter.layer_shapes()
+    fields: dict[str, Any] = {SHAPES_KEY: None}
+    if _is_gguf_marker(getattr(model.config, "quantization_config", None)):
+        fields["quantization_config"] = None
+    if shapes == _dense_shapes(model.config):
+        return fields
+    stock = adapter.stock_config(shapes[0]) if all(s == shapes[0] for s in shapes) else None
+    if stock is not None:
+        fields.update(stock)
+    else:
+        fields[SHAPES_KEY] = shapes
+    return fields
+
+
+@contextlib.contextmanager
+def _config_fields(config: Any, fields: dict[str, Any]):
+    """Set (or, for ``None``, remove) config attributes for the duration of the block, then restore them."""
+    old = {k: getattr(config, k) for k in fields if hasattr(config, k)}
     try:
+        for k, v in fields.items():
+            if v is None:
+                if hasattr(config, k):
+                    delattr(config, k)
+            else:
+                setattr(config, k, v)
         yield
     finally:
-        cfg.quantization_config = qc
+        for k in fields:
+            if hasattr(config, k):
+                delattr(config, k)
+        for k, v in old.items():
+            setattr(config, k, v)
 
 
 def _move_into(staging: Path, path: Path) -> None:
@@ -79,21 +112,16 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = N
                 safe_serialization: bool = True, **save_kwargs: Any) -> Path:
     """Write ``model`` (and optionally its tokenizer and run report) to ``path``; returns the folder.
 
-    Structured models get ``surgeon_layer_shapes`` in their config (reload them with :func:`load_pruned`);
-    all others are stock checkpoints. Extra keyword arguments go to ``save_pretrained`` (e.g.
-    ``max_shard_size``).
+    Structured models with layers of different shapes get ``surgeon_layer_shapes`` in their config (reload
+    them with :func:`load_pruned`); all others, same-shape structured Llama-family models included, are stock
+    checkpoints. Extra keyword arguments go to ``save_pretrained`` (e.g. ``max_shard_size``).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    adapter = adapter_for(model)
-    shapes = adapter.layer_shapes()
-    if shapes != _dense_shapes(model.config):
-        setattr(model.config, SHAPES_KEY, shapes)
-    elif hasattr(model.config, SHAPES_KEY):
-        delattr(model.config, SHAPES_KEY)
+    fields = _saved_config_fields(model)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path))
     try:
-        with _without_gguf_marker(model):
+        with _config_fields(model.config, fields):
             model.save_pretrained(staging, safe_serialization=safe_serialization, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

@@ -1,7 +1,8 @@
 """Save and reload: every method and structure comes back with the same logits.
 
-Unstructured and N:M models must load with plain ``AutoModelForCausalLM.from_pretrained``; structured ones
-(physically smaller layers) with ``surgeon.io.load_pruned``.
+Unstructured and N:M models, and structured Llama-family models whose layers all have one shape, must load
+with plain ``AutoModelForCausalLM.from_pretrained``; structured ones with layers of different sizes with
+``surgeon.io.load_pruned``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import transformers
 from conftest import make_llama, make_opt
 
 import surgeon
-from surgeon.io import SHAPES_KEY, is_structured, load_pruned, save_pruned
+from surgeon.io import SHAPES_KEY, is_structured, load_pruned, read_shapes, save_pruned
 from surgeon.methods import METHODS
 
 FAST = {"shots": 2, "correlation": "row", "max_correlate": 64}  # llm-surgeon settings small enough for CPU tests
@@ -54,7 +55,9 @@ def test_round_trip_same_logits(tmp_path, calib, family, method, structure):
     expected = _logits(model, ids)
     save_pruned(model, tmp_path, report=report)
     assert (tmp_path / "report.json").is_file()
-    assert is_structured(tmp_path) == (structure == "structured")
+    shapes = surgeon.adapters.adapter_for(model).layer_shapes()
+    stock_shapes = family == "llama" and all(s == shapes[0] for s in shapes)  # a stock config can say them
+    assert is_structured(tmp_path) == (structure == "structured" and not stock_shapes)
     if structure == "structured":
         assert report.params_after < report.params_before
         back = load_pruned(tmp_path, attn_implementation="eager")
@@ -111,3 +114,70 @@ def test_dense_model_has_no_shapes_key(tmp_path):
     assert not is_structured(tmp_path)
     torch.testing.assert_close(_logits(load_pruned(tmp_path, attn_implementation="eager"), torch.arange(8)[None]),
                                _logits(model, torch.arange(8)[None]), rtol=0, atol=1e-5)
+
+
+def _shrink(model, keep_groups, keep_channels):
+    """Keep the given attention groups and MLP channels in every layer (index lists per layer)."""
+    adapter = surgeon.adapters.adapter_for(model)
+    for g in adapter.structure_groups():
+        keep = (keep_groups if g.kind == "attn" else keep_channels)[g.layer]
+        adapter.keep_structures(g, torch.tensor(keep))
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_uniform_structured_is_a_stock_checkpoint(tmp_path, model_type):
+    """Every layer with the same (smaller) shape: plain from_pretrained loads it, with no surgeon key."""
+    model = make_llama(model_type=model_type, layers=3, hidden=48, heads=6, kv_heads=3, mlp=40)
+    fields = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", SHAPES_KEY)
+    before = {k: getattr(model.config, k, None) for k in fields}
+    # the same counts in every layer, different structures kept in each
+    _shrink(model, [[0, 2], [1, 2], [0, 1]], [list(range(0, 40, 2)), list(range(20)), list(range(20, 40))])
+    ids = torch.arange(12)[None] % 96
+    expected = _logits(model, ids)
+    save_pruned(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert SHAPES_KEY not in cfg and not is_structured(tmp_path)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["head_dim"]) == (4, 2, 20, 8)
+    assert {k: getattr(model.config, k, None) for k in fields} == before  # the live model's config is left as it was
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert back.model.layers[1].self_attn.q_proj.weight.shape == (32, 48)
+    torch.testing.assert_close(_logits(back, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(load_pruned(tmp_path, attn_implementation="eager"), ids), expected, rtol=0, atol=1e-5)
+
+
+def test_per_layer_shapes_keep_the_shapes_key(tmp_path):
+    model = _shrink(make_llama(layers=2, hidden=48, heads=6, kv_heads=3, mlp=40), [[0, 2], [1]], [list(range(20)), list(range(20))])
+    ids = torch.arange(12)[None]
+    save_pruned(model, tmp_path)
+    assert read_shapes(tmp_path) == [{"attn": 2, "mlp": 20}, {"attn": 1, "mlp": 20}]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["intermediate_size"]) == (6, 40)  # the dense counts, as before
+    torch.testing.assert_close(_logits(load_pruned(tmp_path, attn_implementation="eager"), ids), _logits(model, ids),
+                               rtol=0, atol=1e-5)
+
+
+def test_uniform_opt_keeps_the_shapes_key(tmp_path):
+    """OPT derives its head size from hidden_size / num_attention_heads: no stock config has fewer heads."""
+    model = make_opt()
+    adapter = surgeon.adapters.adapter_for(model)
+    for g in adapter.structure_groups():
+        adapter.keep_structures(g, torch.arange(g.count // 2))
+    save_pruned(model, tmp_path)
+    assert read_shapes(tmp_path) == [{"attn": 2, "mlp": 24}] * 2
+    ids = torch.arange(8)[None]
+    torch.testing.assert_close(_logits(load_pruned(tmp_path, attn_implementation="eager"), ids), _logits(model, ids),
+                               rtol=0, atol=1e-5)
+
+
+def test_uniform_then_per_layer_pruning_reloads(tmp_path):
+    """A stock uniform folder, pruned again into per-layer shapes: the shapes are relative to its config."""
+    model = _shrink(make_llama(layers=2, hidden=48, heads=6, kv_heads=3, mlp=40), [[0, 1], [1, 2]], [list(range(30))] * 2)
+    save_pruned(model, tmp_path / "uniform")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", attn_implementation="eager").eval()
+    _shrink(again, [[0, 1], [0]], [list(range(30)), list(range(10))])
+    save_pruned(again, tmp_path / "per-layer")
+    assert read_shapes(tmp_path / "per-layer") == [{"attn": 2, "mlp": 30}, {"attn": 1, "mlp": 10}]
+    ids = torch.arange(12)[None]
+    torch.testing.assert_close(_logits(load_pruned(tmp_path / "per-layer", attn_implementation="eager"), ids),
+                               _logits(again, ids), rtol=0, atol=1e-5)

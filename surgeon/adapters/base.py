@@ -237,6 +237,12 @@ class ModelAdapter:
         """Query heads per KV group of the unpruned config (1 without grouped-query attention)."""
         return 1
 
+    def stock_config(self, shape: dict[str, int]) -> dict[str, int] | None:
+        """Config fields that make the family's stock config build every layer at ``shape`` (a
+        :meth:`layer_shapes` entry), or None where the stock config cannot say it (the saved config then
+        carries the per-layer shapes instead)."""
+        return None
+
     def apply_layer_shapes(self, shapes: list[dict[str, int]]) -> None:
         """Resize a freshly built dense model to saved per-layer shapes (weights are loaded after).
 

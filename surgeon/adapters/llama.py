@@ -96,3 +96,16 @@ class LlamaAdapter(ModelAdapter):
         for name, value in (("num_heads", n_q), ("num_key_value_heads", n_kv)):  # older transformers cache these
             if hasattr(attn, name):
                 setattr(attn, name, value)
+
+    def stock_config(self, shape: dict[str, int]) -> dict[str, int]:
+        """Head and width counts of a stock config whose layers all have ``shape``. ``head_dim`` is written
+        explicitly because ``hidden_size / num_attention_heads`` no longer gives it once heads are gone;
+        every model type of this family reads it from the config."""
+        groups = shape.get("attn", self.config.num_key_value_heads)
+        queries = shape.get("query", self.dense_queries_per_kv())
+        return {
+            "num_attention_heads": groups * queries,
+            "num_key_value_heads": groups,
+            "intermediate_size": shape.get("mlp", self.config.intermediate_size),
+            "head_dim": self.head_dim,
+        }
