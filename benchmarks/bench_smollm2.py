@@ -1,242 +1,291 @@
-"""Every method on SmolLM2-135M-Instruct, one calibration set: perplexity in and out of domain, time, memory, speed.
+"""Every method and variant on SmolLM2-135M-Instruct: one row per run, both evaluation texts.
 
-    python benchmarks/bench_smollm2.py --suite all            # the committed table (GPU)
-    python benchmarks/bench_smollm2.py --suite all --quick    # a minute-long smoke run on a CPU
+    python benchmarks/bench_smollm2.py --set main --jobs 4                        # the README's table (GPU)
+    python benchmarks/bench_smollm2.py --set structured,unstructured --jobs 4 --deterministic  # ablations
+    python benchmarks/bench_smollm2.py --set main --quick                         # CPU smoke run
 
-Protocol (printed into the JSON): calibration = seeded random windows of the WikiText-2 validation split
-(tokenised release), evaluation = raw test split in non-overlapping windows (``ppl``) and the same
-windowing of the shipped out-of-domain text, Python's reference documentation (``ood_ppl``), fp32 weights.
-Structured LLM Surgeon is run the way the paper reports intermediate targets: one linear schedule whose
-shots each remove the same share, with perplexity measured when 90%, 80% and 70% of the size remain.
+Variants are declared in ``benchmarks/suites/<set>.py`` (the results tables) and
+``benchmarks/ablations/<set>.py`` (the ablations): a list ``VARIANTS`` of dicts with label, method,
+structure, sparsity, config (fields of the method's config dataclass), and optional checkpoints
+{shot: size remaining} (one structured schedule read at several sizes). Every row reports perplexity on
+the WikiText-2 test split (``ppl``), on the shipped out-of-domain text (``ood_ppl``) and on the first
+calibration windows (``calib_ppl``). Settings are chosen on ``calib_ppl`` (the data the method was given);
+the two test texts only report.
+
+Several variants run at once on one GPU (``--jobs``): a 135M-parameter model leaves most of an H200
+idle, so concurrent processes finish the table several times sooner. Their wall times are measured under
+that sharing and say so (``concurrent_jobs``); the main results table times runs alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import datetime as dt
-import gc
+import importlib.util
 import json
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import surgeon  # noqa: E402
-from surgeon import data, determinism, evaluate  # noqa: E402
-from surgeon.adapters import adapter_for  # noqa: E402
-from surgeon.methods import METHODS  # noqa: E402
-from surgeon.models import load_gguf  # noqa: E402
-from surgeon.report import versions  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
 
-def tokens_per_s(model: torch.nn.Module, device: torch.device, seqlen: int, batch: int = 8, reps: int = 5) -> float:
-    """Forward throughput in bf16 autocast on a fixed batch (inference speed of the pruned model)."""
+def load_variants(names: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for name in names:
+        found = [HERE / d / f"{name}.py" for d in ("suites", "ablations") if (HERE / d / f"{name}.py").is_file()]
+        if not found:
+            raise SystemExit(f"no variant set {name!r} in benchmarks/suites or benchmarks/ablations")
+        path = found[0]
+        spec = importlib.util.spec_from_file_location(f"ablation_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        for v in mod.VARIANTS:
+            out.append({**v, "set": name})
+    return out
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Bit-reproducible runs: the library's deterministic mode."""
+    from surgeon.determinism import deterministic
+
+    with deterministic(on):
+        yield
+
+
+def evaluate_all(model: Any, texts: dict[str, Any], seqlen: int, batch: int) -> dict[str, float]:
+    from surgeon import evaluate
+
+    return {key: round(evaluate.perplexity(model, ids, seqlen=seqlen, batch_size=batch), 3) for key, ids in texts.items()}
+
+
+def tokens_per_s(model: Any, device: Any, seqlen: int, batch: int = 8, reps: int = 5) -> float:
+    """Forward throughput in bf16 autocast on a fixed batch (inference speed of the model as pruned)."""
+    import torch
+
     x = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.no_grad(), ctx:
+    cuda = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         model(input_ids=x, use_cache=False)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(reps):
             model(input_ids=x, use_cache=False)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
     return batch * seqlen * reps / (time.perf_counter() - t0)
 
 
-def linear_params(model: torch.nn.Module, *, nonzero: bool = False) -> int:
-    """Prunable linear weights of ``model`` (its non-zeros with ``nonzero``)."""
-    adapter = adapter_for(model)
-    if nonzero:
-        return sum(int(torch.count_nonzero(m.weight)) for m in adapter.linears().values())
-    return adapter.prunable_params()
+def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
+    """Prune a fresh copy of the dense model as ``v`` says; one row per checkpoint (or one at the end)."""
+    import torch
 
+    import surgeon
+    from surgeon.adapters import adapter_for
+    from surgeon.io import load_pruned
+    from surgeon.methods import METHODS
 
-class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    structure = v["structure"]
+    model = load_pruned(data["model_dir"], dtype=torch.float32).to(device)
+    params0 = adapter_for(model).prunable_params()
+    structured = structure == "structured"
+    rows: list[dict[str, Any]] = []
+    checkpoints = {int(k): float(s) for k, s in (v.get("checkpoints") or {}).items()}
+    eval_s = [0.0]
+    t_start = time.perf_counter()
+
+    def row(target: float, shot: int | None) -> None:
         t0 = time.perf_counter()
-        self.dense, self.tok = load_gguf()
-        self.load_s = time.perf_counter() - t0
-        self.calib = data.calibration_windows(self.tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
-        # every perplexity is measured on both texts, with the same windowing
-        self.texts = {"ppl": data.eval_ids(self.tok, "wikitext2"), "ood_ppl": data.eval_ids(self.tok, "pydoc")}
-        if args.eval_windows:
-            self.texts = {k: ids[: args.eval_windows * args.eval_seqlen] for k, ids in self.texts.items()}
-        self.rows: list[dict[str, Any]] = []
-        self.params0 = linear_params(self.dense)
-
-    def fresh(self) -> torch.nn.Module:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return copy.deepcopy(self.dense).to(self.device)
-
-    def ppl(self, model: torch.nn.Module) -> dict[str, float]:
-        """``ppl`` (WikiText-2 test) and ``ood_ppl`` (pydoc) of ``model``, rounded for the table."""
-        return {k: round(evaluate.perplexity(model, ids, seqlen=self.args.eval_seqlen, batch_size=self.args.eval_batch), 3)
-                for k, ids in self.texts.items()}
-
-    def windows(self, key: str) -> int:
-        return self.texts[key].numel() // self.args.eval_seqlen
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        keys = ("method", "structure", "target", "achieved", "ppl", "ood_ppl", "wall_s", "peak_gpu_gb")
-        print(" | ".join(f"{k}={row.get(k)}" for k in keys), flush=True)
-        self.save()
-
-    def save(self) -> None:
-        a = self.args
-        dev = torch.cuda.get_device_name(0) if self.device.type == "cuda" else "cpu"
-        out = {
-            "benchmark": "smollm2", "command": " ".join([Path(sys.executable).name] + sys.argv),
-            "date": dt.date.today().isoformat(), "device": dev, "versions": versions(),
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
-            "protocol": {"calibration": f"wikitext2-valid (tokenised) {a.nsamples}x{a.seqlen} seed 0",
-                         "eval": f"wikitext2-test raw, seqlen {a.eval_seqlen}, {self.windows('ppl')} windows",
-                         "ood_eval": f"pydoc (Python 3.11.7 reference documentation, shipped in surgeon/corpora), "
-                                     f"seqlen {a.eval_seqlen}, {self.windows('ood_ppl')} windows",
-                         "target": "structured rows: fraction of prunable linear weights remaining (target_kind=size); "
-                                   "others: fraction removed (target_kind=sparsity); embeddings and lm_head excluded",
-                         "deterministic": a.deterministic},
-            "rows": self.rows,
-        }
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=2))
-
-    # -- runs ----------------------------------------------------------------------------------------
-    def dense_row(self) -> None:
-        m = self.fresh()
-        t0 = time.perf_counter()
-        ppl = self.ppl(m)
-        tps = tokens_per_s(m, self.device, self.args.eval_seqlen)
-        self.dense_tps = tps
-        self.add({"method": "dense", "structure": "none", "target": 1.0, "target_kind": "size", "achieved": 1.0,
-                  **ppl, "wall_s": round(time.perf_counter() - t0, 2), "params_after": self.params0,
-                  "tokens_per_s_dense": round(tps)})
-        del m
-
-    def run(self, method: str, structure: str, sparsity: float, **kw: Any) -> None:
-        """One pruning run; a failure becomes an ``error`` row so the rest of the suite still runs."""
-        if self.args.only and f"{method}/{structure}" not in self.args.only.split(","):
-            return
-        try:
-            self._run(method, structure, sparsity, **kw)
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            self.add({"method": method, "structure": structure, "target": sparsity, "error": f"{type(e).__name__}: {e}"})
-
-    def _run(self, method: str, structure: str, sparsity: float, *, label: str | None = None,
-             checkpoints: dict[int, float] | None = None, **fields: Any) -> None:
-        cfg_cls, _ = METHODS[method]
-        cfg = cfg_cls(sparsity=sparsity if ":" not in structure else 0.0, structure=structure, **fields)
-        model = self.fresh()
-        t_start = time.perf_counter()
-        eval_time = [0.0]
-
-        def on_shot(rec: dict[str, Any]) -> None:
-            if checkpoints and rec["shot"] in checkpoints:
-                t0 = time.perf_counter()
-                self.row_for(method, structure, model, checkpoints[rec["shot"]], label=label,
-                             wall=t0 - t_start - eval_time[0], shot=rec["shot"], report=None, fields=fields)
-                eval_time[0] += time.perf_counter() - t0
-
-        report = surgeon.prune(model, cfg, self.calib, device=self.device, batch_size=self.args.batch_size,
-                               progress=False, on_shot=on_shot if checkpoints else None)
-        if not checkpoints:
-            self.row_for(method, structure, model, sparsity, label=label, wall=report.wall_s, shot=None,
-                         report=report, fields=fields)
-        del model
-
-    def row_for(self, method: str, structure: str, model: torch.nn.Module, sparsity: float, *, label: str | None,
-                wall: float, shot: int | None, report: Any, fields: dict[str, Any]) -> None:
-        structured = structure == "structured"
-        params = linear_params(model, nonzero=not structured)
-        achieved_sparsity = 1 - params / self.params0
-        row: dict[str, Any] = {
-            "method": method, "structure": structure,
-            "target": round(1 - sparsity, 4) if structured else round(sparsity if ":" not in structure else achieved_sparsity, 4),
-            "target_kind": "size" if structured else "sparsity",
-            "achieved": round(1 - achieved_sparsity if structured else achieved_sparsity, 5),
-            **self.ppl(model), "wall_s": round(wall, 2), "params_after": params,
-        }
-        if self.device.type == "cuda":
-            row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
+        adapter = adapter_for(model)
         if structured:
-            row["tokens_per_s_after"] = round(tokens_per_s(model, self.device, self.args.eval_seqlen))
-            row["tokens_per_s_dense"] = round(self.dense_tps)
+            left = adapter.prunable_params()
+        else:
+            left = sum(int(torch.count_nonzero(m.weight)) for m in adapter.linears().values())
+        r: dict[str, Any] = {
+            "label": v["label"], "set": v["set"], "method": v["method"], "structure": structure,
+            "target": target, "target_kind": "size" if structured else "sparsity",
+            "achieved": round(left / params0 if structured else 1 - left / params0, 5),
+            "wall_s": round(t0 - t_start - eval_s[0], 2), "config": v.get("config", {}),
+        }
         if shot is not None:
-            row["shot"] = shot
-        if label:
-            row["variant"] = label
-        if fields:
-            row["config"] = {k: v for k, v in fields.items()}
-        if report is not None:
-            row["phases_s"] = {k: round(v["wall_s"], 2) for k, v in report.phases.items()}
-        self.add(row)
+            r["shot"] = shot
+        r.update(evaluate_all(model, data["texts"], args.eval_seqlen, args.eval_batch))
+        if structured or v["method"] == "dense":
+            r["tokens_per_s_after"] = round(tokens_per_s(model, device, args.eval_seqlen))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        eval_s[0] += time.perf_counter() - t0
+
+    def on_shot(rec: dict[str, Any]) -> None:
+        if rec["shot"] in checkpoints:
+            row(checkpoints[rec["shot"]], rec["shot"])
+
+    if v["method"] == "dense":
+        row(1.0, None)
+        return rows
+    cfg_cls, _ = METHODS[v["method"]]
+    cfg = cfg_cls(sparsity=v["sparsity"] if ":" not in structure else 0.0, structure=structure, **v.get("config", {}))
+    report = surgeon.prune(model, cfg, data["calibration"], device=device, batch_size=args.batch_size,
+                           progress=False, on_shot=on_shot if checkpoints else None)
+    if not checkpoints:
+        row(round(1 - v["sparsity"], 4) if structured else (v["sparsity"] if ":" not in structure else 0.5), None)
+    for r in rows:
+        r["peak_gpu_gb"] = round(report.peak_gpu_gb, 2)
+        r["phases_s"] = {k: round(p["wall_s"], 2) for k, p in report.phases.items()}
+    return rows
+
+
+def worker(rank: int, jobs: list[dict[str, Any]], data_path: str, args: argparse.Namespace, out_dir: str) -> None:
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = torch.load(data_path, weights_only=False)
+    for i, v in jobs:
+        t0 = time.perf_counter()
+        try:
+            with deterministic_mode(args.deterministic):
+                rows = run_variant(v, data, args, device)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the table
+            traceback.print_exc()
+            rows = [{"label": v["label"], "set": v["set"], "method": v["method"], "structure": v["structure"],
+                     "config": v.get("config", {}), "error": f"{type(e).__name__}: {e}"}]
+        for r in rows:
+            r["job_s"] = round(time.perf_counter() - t0, 1)
+        Path(out_dir, f"{i:03d}.json").write_text(json.dumps(rows))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> str:
+    """Load the dense model once, store it and every token stream where the workers read them."""
+    import torch
+
+    from surgeon import data
+    from surgeon.io import save_pruned
+    from surgeon.models import load_gguf
+
+    model, tok = load_gguf()
+    model_dir = tmp / "dense"
+    save_pruned(model, model_dir, tokenizer=tok)
+    calib = data.calibration_windows(tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
+    texts = {name: data.eval_ids(tok, name) for name in ("wikitext2", "pydoc")}
+    if args.eval_windows:
+        texts = {k: t[: args.eval_windows * args.eval_seqlen] for k, t in texts.items()}
+    texts = {"ppl": texts["wikitext2"], "ood_ppl": texts["pydoc"],
+             "calib_ppl": calib[: args.calib_eval_windows].reshape(-1)}
+    path = tmp / "data.pt"
+    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts}, path)
+    return str(path)
+
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = [f"# {out['benchmark']}", "", f"`{out['command']}`", "",
+             f"{out['device']}, torch {out['versions']['torch']}, transformers {out['versions']['transformers']}, "
+             f"surgeon {out['versions']['surgeon_git']}; {out['protocol']['calibration']}; eval {out['protocol']['eval']}; "
+             f"deterministic: {out['deterministic']}; {out['concurrent_jobs']} variants at a time (wall times shared).",
+             "", "| set | variant | structure | target | achieved | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | |")
+            continue
+        lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | {r['target']} | {r['achieved']} | "
+                     f"{r['calib_ppl']:.3f} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", default="all", choices=["structured", "unstructured", "all"])
-    p.add_argument("--only", default="", help="comma-separated METHOD/STRUCTURE rows to run, e.g. "
-                   "'llm-surgeon/2:4,k-obd/2:4' (with the dense row; default: the whole suite)")
+    p.add_argument("--set", default="main", help="comma-separated variant sets (benchmarks/suites, benchmarks/ablations)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run variants whose label contains one")
+    p.add_argument("--jobs", type=int, default=1, help="variants run at once (processes sharing the device)")
+    p.add_argument("--deterministic", action="store_true", help="bit-reproducible runs (math attention, fixed reductions)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--eval-windows", type=int, default=0, help="evaluate on the first N windows only (0 = all)")
-    p.add_argument("--shots", type=int, default=8, help="shots of unstructured / N:M LLM Surgeon")
-    p.add_argument("--structured-step", type=float, default=0.025, help="size removed per structured shot")
+    p.add_argument("--eval-windows", type=int, default=0, help="evaluate on the first N windows of each text (0 = all)")
+    p.add_argument("--calib-eval-windows", type=int, default=16, help="calibration windows whose perplexity is reported")
     p.add_argument("--device", default=None)
-    p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation (smoke test)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="prune and evaluate in surgeon.determinism.deterministic() (same numbers every run, slower)")
-    p.add_argument("--out", default="benchmarks/results/smollm2.json")
+    p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation (CPU smoke run)")
+    p.add_argument("--out", default=None, help="output JSON (default: benchmarks/results/ablation-<sets>.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.nsamples, args.seqlen, args.batch_size, args.eval_seqlen, args.eval_windows = 2, 128, 2, 128, 2
-        args.shots, args.structured_step = 2, 0.1
-        if args.out == p.get_default("out"):
-            args.out = "benchmarks/results/smollm2-quick.json"
-    with determinism.deterministic(args.deterministic):
-        suite(args)
-    print(f"wrote {args.out}")
+        args.nsamples, args.seqlen, args.batch_size = 4, 128, 2
+        args.eval_seqlen, args.eval_windows, args.calib_eval_windows = 128, 2, 2
+    sets = [s for s in args.set.split(",") if s]
+    variants = load_variants(sets)
+    if args.only:
+        keys = args.only.split(",")
+        variants = [v for v in variants if any(k in v["label"] for k in keys)]
+    if args.quick:  # a smoke run: every variant, two shots
+        for v in variants:
+            cfg = dict(v.get("config", {}))
+            if "shots" in cfg:
+                cfg["shots"] = min(cfg["shots"], 2)
+            v["config"] = cfg
+            v["checkpoints"] = {2: 1 - v["sparsity"]} if v.get("checkpoints") else None
+    default = "smollm2" if sets == ["main"] else "ablation-" + "-".join(sets)
+    out_path = Path(args.out or HERE / "results" / f"{default}{'-quick' if args.quick else ''}.json")
 
+    import torch
+    import torch.multiprocessing as mp
 
-def suite(args: argparse.Namespace) -> None:
-    b = Bench(args)
-    b.dense_row()
-    if args.suite in ("structured", "all"):
-        sizes = [0.9, 0.8, 0.7]
-        n = round(0.3 / args.structured_step)
-        checkpoints = {round((1 - s) / args.structured_step): 1 - s for s in sizes}
-        b.run("llm-surgeon", "structured", 0.3, shots=n, checkpoints=checkpoints)
-        for s in sizes:
-            b.run("magnitude", "structured", round(1 - s, 4))
-        for s in (0.8, 0.7):
-            b.run("flap", "structured", round(1 - s, 4))
-    if args.suite in ("unstructured", "all"):
-        for structure in ("unstructured", "2:4"):
-            b.run("llm-surgeon", structure, 0.5, shots=args.shots)
-            for method in ("sparsegpt", "wanda", "admm", "magnitude"):
-                b.run(method, structure, 0.5)
-        for structure in ("unstructured", "2:4"):
-            b.run("k-obd", structure, 0.5, shots=args.shots)
-        for structure in ("unstructured", "2:4"):
-            b.run("llm-surgeon", structure, 0.5, shots=args.shots, lowrank_rank=16, label="low-rank updates")
+    from surgeon.report import versions
+
+    with tempfile.TemporaryDirectory(prefix="surgeon-ablation-") as tmp:
+        t0 = time.perf_counter()
+        data_path = prepare(args, Path(tmp))
+        print(f"prepared model and data in {time.perf_counter() - t0:.1f}s; {len(variants)} variants, "
+              f"{args.jobs} at a time", flush=True)
+        rows_dir = Path(tmp) / "rows"
+        rows_dir.mkdir()
+        jobs = list(enumerate(variants))
+        shares = [jobs[r :: args.jobs] for r in range(args.jobs)]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(r, shares[r], data_path, args, str(rows_dir))) for r in range(args.jobs)
+                 if shares[r]]
+        for pr in procs:
+            pr.start()
+        dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        head = {
+            "benchmark": out_path.stem, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "date": dt.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu", "versions": versions(),
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+            "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0",
+                         "eval": f"wikitext2-test raw (ppl) and pydoc out-of-domain text (ood_ppl), seqlen "
+                                 f"{args.eval_seqlen}" + (f", first {args.eval_windows} windows" if args.eval_windows else "")
+                                 + f"; calib_ppl: first {args.calib_eval_windows} calibration windows",
+                         "selection": "settings are chosen on calib_ppl; ppl and ood_ppl only report"},
+            "deterministic": args.deterministic, "concurrent_jobs": args.jobs,
+        }
+
+        def collect() -> None:
+            rows = []
+            for f in sorted(rows_dir.glob("*.json")):
+                rows += json.loads(f.read_text())
+            out = {**head, "rows": rows}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(out, indent=2))
+            out_path.with_suffix(".md").write_text(markdown(out))
+
+        while any(pr.is_alive() for pr in procs):
+            time.sleep(5)
+            collect()
+        for pr in procs:
+            pr.join()
+        collect()
+    print(f"wrote {out_path} in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
