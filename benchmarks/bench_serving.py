@@ -12,7 +12,7 @@ filled in place: no host copy of the weights. One model at a time is held.
 
 Per-layer shapes (KV groups and MLP channels of each layer) come from, in this order of rows:
 - ``--report PATH ...``: ``report.json`` of structured runs (or folders holding one), one row per file.
-  ``modules[name]["shape"]`` gives each layer's kept fraction of KV groups (``k_proj`` rows) and of MLP
+  ``modules[name]["shape"]`` gives each layer's kept fraction of query heads (``q_proj`` rows) and of MLP
   channels (``gate_proj`` rows); the fractions are applied to the benchmark model's 32 KV groups and 11008
   channels, source layer ``floor((j + 0.5) * L_source / 32)`` for layer ``j`` (relative depth). Attention
   holds a larger share of a layer at 7B than in SmolLM2, so the same fractions would leave another size:
@@ -224,10 +224,11 @@ def report_fractions(path: Path) -> tuple[list[tuple[float, float]], Report]:
     fractions = []
     for i in range(len(per_layer)):
         recs = per_layer[i]
-        missing = {"self_attn.k_proj", "mlp.gate_proj"} - set(recs)
+        missing = {"self_attn.q_proj", "mlp.gate_proj"} - set(recs)
         if missing:
             raise ValueError(f"{path}: layer {i} lacks {sorted(missing)}; only Llama-family reports are supported")
-        fractions.append((kept(recs["self_attn.k_proj"]), kept(recs["mlp.gate_proj"])))
+        # query heads kept (q_proj rows): whole KV groups and query slots alike, the 7B shape has no GQA
+        fractions.append((kept(recs["self_attn.q_proj"]), kept(recs["mlp.gate_proj"])))
     if all(f == (1.0, 1.0) for f in fractions):
         raise ValueError(f"{path}: no layer was resized (an unstructured or unpruned run?)")
     return fractions, rep

@@ -84,6 +84,20 @@ def tokens_per_s(model: Any, device: Any, seqlen: int, batch: int = 8, reps: int
     return batch * seqlen * reps / (time.perf_counter() - t0)
 
 
+def save_allocation(model: Any, modules: dict[str, Any], v: dict[str, Any], target: float, folder: str) -> str:
+    """Write the pruned model's per-linear shapes as a report (``bench_serving.py --report`` reads it)."""
+    from surgeon.adapters import adapter_for
+
+    recs = {n: {**modules[n], "shape": list(lin.weight.shape), "params_after": lin.weight.numel()}
+            for n, lin in adapter_for(model).linears().items()}
+    slug = "".join(c if c.isalnum() else "-" for c in v["label"].split(" ")[0].lower())
+    path = Path(folder) / f"allocation-{slug}-{round(target * 100)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"method": v["method"], "config": v.get("config", {}), "model": "SmolLM2-135M-Instruct",
+                                "modules": recs}, indent=1))
+    return path.name
+
+
 def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
     """Prune a fresh copy of the dense model as ``v`` says; one row per checkpoint (or one at the end)."""
     import torch
@@ -117,6 +131,8 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespac
         }
         if shot is not None:
             r["shot"] = shot
+        if structured and args.allocations:
+            r["allocation_file"] = save_allocation(model, data["modules"], v, target, args.allocations)
         r.update(evaluate_all(model, data["texts"], args.eval_seqlen, args.eval_batch))
         if structured or v["method"] == "dense":
             r["tokens_per_s_after"] = round(tokens_per_s(model, device, args.eval_seqlen))
@@ -181,8 +197,13 @@ def prepare(args: argparse.Namespace, tmp: Path) -> str:
         texts = {k: t[: args.eval_windows * args.eval_seqlen] for k, t in texts.items()}
     texts = {"ppl": texts["wikitext2"], "ood_ppl": texts["pydoc"],
              "calib_ppl": calib[: args.calib_eval_windows].reshape(-1)}
+    from surgeon.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    modules = {n: {"layer": i, "type": n.split(f".{i}.", 1)[1], "params_before": lin.weight.numel()}
+               for i in range(len(adapter.layers)) for n, lin in adapter.layer_linears(i).items()}
     path = tmp / "data.pt"
-    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts}, path)
+    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts, "modules": modules}, path)
     return str(path)
 
 
@@ -206,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", default="main", help="comma-separated variant sets (benchmarks/suites, benchmarks/ablations)")
     p.add_argument("--only", default="", help="comma-separated substrings: run variants whose label contains one")
+    p.add_argument("--exclude", default="", help="comma-separated substrings: skip variants whose label contains one")
+    p.add_argument("--allocations", default="", metavar="DIR",
+                   help="write each structured row's per-linear shapes here (inputs of bench_serving.py --report)")
     p.add_argument("--jobs", type=int, default=1, help="variants run at once (processes sharing the device)")
     p.add_argument("--deterministic", action="store_true", help="bit-reproducible runs (math attention, fixed reductions)")
     p.add_argument("--nsamples", type=int, default=128)
@@ -227,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         keys = args.only.split(",")
         variants = [v for v in variants if any(k in v["label"] for k in keys)]
+    if args.exclude:
+        keys = args.exclude.split(",")
+        variants = [v for v in variants if not any(k in v["label"] for k in keys)]
     if args.quick:  # a smoke run: every variant, two shots
         for v in variants:
             cfg = dict(v.get("config", {}))
