@@ -1,8 +1,8 @@
 """GGUF export for llama.cpp: the layout checks, the rope row order, the tokenizer keys, and llama.cpp itself.
 
 The llama.cpp tests run the exported file with ``llama_cpp`` (llama-cpp-python) and compare its logits
-with ``transformers``'; they are skipped when ``llama_cpp`` is not importable, and fail instead when
-``SURGEON_REQUIRE_LLAMA_CPP=1`` (set in CI). Tolerances: f32 weights, f32 KV cache, no flash attention:
+with ``transformers``'; they are skipped when ``llama_cpp`` (or SmolLM2's GGUF, whose tokenizer keys the
+tiny models borrow) is missing, and fail instead when ``SURGEON_REQUIRE_LLAMA_CPP=1`` (set in CI). Tolerances: f32 weights, f32 KV cache, no flash attention:
 max |logit difference| < 1e-4 (measured about 5e-7 on these models); f16 weights: < 5e-3.
 """
 
@@ -34,12 +34,22 @@ from surgeon.models import find_smollm2_gguf
 VOCAB = 49152  # SmolLM2's, so that its tokenizer keys fit the tiny models
 
 
+def _missing(reason: str) -> None:
+    """Skip, or fail where the environment promises everything (CI sets SURGEON_REQUIRE_LLAMA_CPP=1)."""
+    if os.environ.get("SURGEON_REQUIRE_LLAMA_CPP") == "1":
+        pytest.fail(f"SURGEON_REQUIRE_LLAMA_CPP=1, but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def smollm2_gguf():
     try:
-        return find_smollm2_gguf()
+        path = find_smollm2_gguf()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        _missing(str(e))
+    if not path.is_file():
+        _missing(f"SURGEON_GGUF={path}: no such file")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +62,7 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        if os.environ.get("SURGEON_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail(f"SURGEON_REQUIRE_LLAMA_CPP=1 but llama_cpp does not import: {e}")
-        pytest.skip(f"llama_cpp is not importable ({e}); `pip install llama-cpp-python` to run llama.cpp tests")
+        _missing(f"llama_cpp is not importable ({e}); `pip install llama-cpp-python` to run the llama.cpp tests")
     return llama_cpp
 
 
