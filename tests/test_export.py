@@ -80,6 +80,19 @@ def _shrink(model, keep):
 
 
 PER_LAYER = {0: ([0, 1], 96), 1: ([1], 40), 2: ([0], 17)}
+
+
+def _drop_query_slot(model, layer, slot=1):
+    """Remove query slot ``slot`` of every KV group in ``layer`` (each group keeps its KV head and one
+    query fewer), so that layers differ in queries per KV head, not only in head counts."""
+    attn = model.model.layers[layer].self_attn
+    hd, n_kv = attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    rep = attn.q_proj.out_features // (hd * n_kv)
+    heads = torch.tensor([g * rep + q for g in range(n_kv) for q in range(rep) if q != slot])
+    rows = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+    attn.q_proj, attn.o_proj = slice_linear(attn.q_proj, rows=rows), slice_linear(attn.o_proj, cols=rows)
+    attn.num_key_value_groups = rep - 1
+    return model
 UNIFORM = {0: ([1], 48), 1: ([0], 48), 2: ([1], 48)}
 
 
@@ -242,6 +255,7 @@ CASES = {
     "uniform": (lambda: _shrink(_tiny(), UNIFORM), "llama"),
     "per-layer": (lambda: _shrink(_tiny(), PER_LAYER), "deci"),
     "qwen2-biases-per-layer": (lambda: _randomise_vectors(_shrink(_tiny("qwen2"), PER_LAYER)), "deci"),
+    "queries-per-kv-per-layer": (lambda: _drop_query_slot(_tiny(), 1), "deci"),
 }
 
 
