@@ -22,7 +22,6 @@ from conftest import make_llama, make_opt
 from hypothesis import given
 from hypothesis import strategies as st
 
-import surgeon
 from surgeon.adapters import adapter_for, slice_linear
 from surgeon.cli import main
 from surgeon.export import ExportError, gguf_layout, to_gguf
