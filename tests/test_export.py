@@ -1,8 +1,8 @@
 """GGUF export for llama.cpp: the layout checks, the rope row order, the tokenizer keys, and llama.cpp itself.
 
 The llama.cpp tests run the exported file with ``llama_cpp`` (llama-cpp-python) and compare its logits
-with ``transformers``'; they are skipped when ``llama_cpp`` is not importable, and fail instead when
-``SURGEON_REQUIRE_LLAMA_CPP=1`` (set in CI). Tolerances: f32 weights, f32 KV cache, no flash attention:
+with ``transformers``'; they are skipped when ``llama_cpp`` (or SmolLM2's GGUF, whose tokenizer keys the
+tiny models borrow) is missing, and fail instead when ``SURGEON_REQUIRE_LLAMA_CPP=1`` (set in CI). Tolerances: f32 weights, f32 KV cache, no flash attention:
 max |logit difference| < 1e-4 (measured about 5e-7 on these models); f16 weights: < 5e-3.
 """
 
@@ -22,7 +22,6 @@ from conftest import make_llama, make_opt
 from hypothesis import given
 from hypothesis import strategies as st
 
-import surgeon
 from surgeon.adapters import adapter_for, slice_linear
 from surgeon.cli import main
 from surgeon.export import ExportError, gguf_layout, to_gguf
@@ -34,12 +33,22 @@ from surgeon.models import find_smollm2_gguf
 VOCAB = 49152  # SmolLM2's, so that its tokenizer keys fit the tiny models
 
 
+def _missing(reason: str) -> None:
+    """Skip, or fail where the environment promises everything (CI sets SURGEON_REQUIRE_LLAMA_CPP=1)."""
+    if os.environ.get("SURGEON_REQUIRE_LLAMA_CPP") == "1":
+        pytest.fail(f"SURGEON_REQUIRE_LLAMA_CPP=1, but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def smollm2_gguf():
     try:
-        return find_smollm2_gguf()
+        path = find_smollm2_gguf()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        _missing(str(e))
+    if not path.is_file():
+        _missing(f"SURGEON_GGUF={path}: no such file")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,7 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        if os.environ.get("SURGEON_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail(f"SURGEON_REQUIRE_LLAMA_CPP=1 but llama_cpp does not import: {e}")
-        pytest.skip(f"llama_cpp is not importable ({e}); `pip install llama-cpp-python` to run llama.cpp tests")
+        _missing(f"llama_cpp is not importable ({e}); `pip install llama-cpp-python` to run the llama.cpp tests")
     return llama_cpp
 
 
@@ -72,6 +79,19 @@ def _shrink(model, keep):
 
 
 PER_LAYER = {0: ([0, 1], 96), 1: ([1], 40), 2: ([0], 17)}
+
+
+def _drop_query_slot(model, layer, slot=1):
+    """Remove query slot ``slot`` of every KV group in ``layer`` (each group keeps its KV head and one
+    query fewer), so that layers differ in queries per KV head, not only in head counts."""
+    attn = model.model.layers[layer].self_attn
+    hd, n_kv = attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    rep = attn.q_proj.out_features // (hd * n_kv)
+    heads = torch.tensor([g * rep + q for g in range(n_kv) for q in range(rep) if q != slot])
+    rows = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+    attn.q_proj, attn.o_proj = slice_linear(attn.q_proj, rows=rows), slice_linear(attn.o_proj, cols=rows)
+    attn.num_key_value_groups = rep - 1
+    return model
 UNIFORM = {0: ([1], 48), 1: ([0], 48), 2: ([1], 48)}
 
 
@@ -234,6 +254,7 @@ CASES = {
     "uniform": (lambda: _shrink(_tiny(), UNIFORM), "llama"),
     "per-layer": (lambda: _shrink(_tiny(), PER_LAYER), "deci"),
     "qwen2-biases-per-layer": (lambda: _randomise_vectors(_shrink(_tiny("qwen2"), PER_LAYER)), "deci"),
+    "queries-per-kv-per-layer": (lambda: _drop_query_slot(_tiny(), 1), "deci"),
 }
 
 
