@@ -23,7 +23,7 @@ from ..lowrank import lowrank_update
 from ..memory import activation_checkpointing
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
-from ..selection import select_budget, select_count
+from ..selection import select_count
 from .base import Context, register
 
 __all__ = ["SurgeonConfig", "KOBDConfig", "LOBDConfig"]
