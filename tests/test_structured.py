@@ -4,7 +4,6 @@ ranking, aligned MLP widths in every shot or at the end, uniform shapes; the all
 from __future__ import annotations
 
 import copy
-import itertools
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from surgeon.adapters.base import Part, StructureGroup
 from surgeon.allocation import effective_multiple, plan
 from surgeon.io import load_pruned, read_shapes, save_pruned
 from surgeon.methods.surgeon import SurgeonConfig
-from surgeon.selection import select_budget
 
 
 def gqa(**kw):
@@ -111,41 +109,6 @@ def test_query_slots_save_and_reload(tmp_path):
 
 
 # -- selection and allocation ------------------------------------------------------------------------
-
-
-def _reference_budget(costs, weights, budget, keeps, exclude):
-    """Slow reference: guard each array's most expensive live entries, take the cost-ordered prefix, then fill."""
-    items = []
-    for i, c in enumerate(costs):
-        live = [j for j in np.argsort(c, kind="stable").tolist() if j not in exclude[i]]
-        guard = set(live[len(live) - keeps[i]:]) if keeps[i] else set()
-        items += [(float(c[j]), i, j) for j in live if j not in guard]
-    items.sort()
-    taken, spent, prefix = set(), 0, True
-    for cost, i, j in items:
-        if prefix and spent + weights[i] <= budget:
-            taken.add((i, j))
-            spent += weights[i]
-        else:
-            prefix = False
-    for cost, i, j in items:
-        if (i, j) not in taken and spent + weights[i] <= budget:
-            taken.add((i, j))
-            spent += weights[i]
-    return [sorted(j for (a, j) in taken if a == i) for i in range(len(costs))]
-
-
-@given(st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=7), min_size=1, max_size=4),
-       st.lists(st.integers(1, 5), min_size=4, max_size=4), st.integers(0, 60), st.data())
-def test_select_budget_with_exclusions_and_per_array_guards(raw, weights, budget, data):
-    costs = [np.array(c, dtype=np.float32) for c in raw]
-    weights = weights[: len(costs)]
-    keeps = [data.draw(st.integers(0, 2)) for _ in costs]
-    exclude = [set(data.draw(st.sets(st.integers(0, max(0, len(c) - 1)), max_size=len(c)))) if len(c) else set()
-               for c in costs]
-    got = select_budget([torch.from_numpy(c) for c in costs], weights, budget, min_keep=keeps,
-                        exclude=[torch.tensor(sorted(e), dtype=torch.long) for e in exclude])
-    assert [g.tolist() for g in got] == _reference_budget(costs, weights, budget, keeps, exclude)
 
 
 def _mlp_groups(n_layers, width, pps=3, full=None):

@@ -123,12 +123,17 @@ def test_variants_run_exactly(cfg, calib):
     assert removed == int(cfg.sparsity * report.params_before + 1e-9)  # floor of the target count, exactly
 
 
-def _reference_budget(costs, weights, budget, min_keep):
-    """Slow reference: guard each array's most expensive entries, take the cost-ordered prefix, then fill."""
+def _reference_budget(costs, weights, budget, keeps, exclude=None):
+    """Slow reference: guard each array's most expensive live entries, take the cost-ordered prefix, then fill.
+
+    ``keeps`` is one guard count for all arrays or one per array; ``exclude`` sets of positions never taken."""
+    keeps = [keeps] * len(costs) if isinstance(keeps, int) else keeps
+    exclude = exclude or [set() for _ in costs]
     items = []
     for i, c in enumerate(costs):
-        guard = set(np.argsort(c, kind="stable")[-min_keep:].tolist()) if len(c) else set()
-        items += [(float(c[j]), i, j) for j in range(len(c)) if j not in guard]
+        live = [j for j in np.argsort(c, kind="stable").tolist() if j not in exclude[i]]
+        guard = set(live[len(live) - keeps[i]:]) if keeps[i] else set()
+        items += [(float(c[j]), i, j) for j in live if j not in guard]
     items.sort()
     taken, spent, prefix = set(), 0, True
     for cost, i, j in items:
@@ -156,6 +161,20 @@ def test_select_budget_matches_reference(raw, weights, budget):
     want = _reference_budget(costs, weights, budget, 1)
     assert [g.tolist() for g in got] == want
     assert sum(len(g) * w for g, w in zip(got, weights)) <= budget
+
+
+@given(st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=7), min_size=1, max_size=4),
+       st.lists(st.integers(1, 5), min_size=4, max_size=4), st.integers(0, 60), st.data())
+def test_select_budget_with_exclusions_and_per_array_guards(raw, weights, budget, data):
+    """Positions already taken are skipped and the guards count among the live ones (a second call that
+    tops up a shot's budget)."""
+    costs = [np.array(c, dtype=np.float32) for c in raw]
+    weights = weights[: len(costs)]
+    keeps = [data.draw(st.integers(0, 2)) for _ in costs]
+    exclude = [data.draw(st.sets(st.integers(0, len(c) - 1), max_size=len(c))) if len(c) else set() for c in costs]
+    got = select_budget([torch.from_numpy(c) for c in costs], weights, budget, min_keep=keeps,
+                        exclude=[torch.tensor(sorted(e), dtype=torch.long) for e in exclude])
+    assert [g.tolist() for g in got] == _reference_budget(costs, weights, budget, keeps, exclude)
 
 
 @pytest.mark.parametrize("allocation", ["layer", "global"])

@@ -24,7 +24,7 @@ from ..memory import activation_checkpointing
 from ..obs import masked as mobs
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
-from ..selection import select_budget, select_count
+from ..selection import select_count
 from .base import Context, register
 
 __all__ = ["SurgeonConfig", "KOBDConfig", "LOBDConfig"]
