@@ -3,29 +3,40 @@
 #
 #   RESULTS=/tmp/results setsid nohup bash benchmarks/run_all.sh [STEP ...] > /tmp/run_all.log 2>&1 &
 #
-# Steps (default: all, in this order): serving main-command suite ablation. Each writes its JSON (and .md,
-# .log) into $RESULTS as it goes, so a run cut short still leaves every finished table. The code runs from
-# a copy taken at start, so later changes to the checkout cannot mix two versions into one table.
+# Steps (default: all, in this order):
+#   structured    structured LLM Surgeon at its defaults, alone on the GPU (honest times), one schedule read at
+#                 90/80/70% size; writes the allocations that `serving` scales to the 7B shape
+#   main-command  the README's main command from the shell, alone (cold and warm model cache)
+#   serving       7B-shaped prefill/decode speed of those allocations, alone
+#   tables        the rest of the results table and the ablations, several runs sharing the GPU at once
+# Each writes its JSON (and .md, .log) into $RESULTS as it goes, so a run cut short still leaves every
+# finished table. The code runs from a copy taken at start, so later changes to the checkout cannot mix
+# two versions into one table.
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RESULTS="${RESULTS:-$here/benchmarks/results}"
-JOBS="${JOBS:-4}"
+JOBS="${JOBS:-3}"
 mkdir -p "$RESULTS"
 code="$(mktemp -d /tmp/surgeon-code.XXXX)"
 cp -r "$here/surgeon" "$here/benchmarks" "$code/"
 cd "$code"
 export PYTHONPATH="$code${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(serving main-command suite ablation)
+[ ${#steps[@]} -gt 0 ] || steps=(structured main-command serving tables)
+bench="python benchmarks/bench_smollm2.py"
 
 for step in "${steps[@]}"; do
     echo "== $step $(date +%T)"
     case "$step" in
-        serving)      python benchmarks/bench_serving.py --out "$RESULTS/serving.json" ;;
+        structured)   $bench --set main --only "llm-surgeon structured" --allocations "$RESULTS" \
+                          --out "$RESULTS/smollm2-structured.json" ;;
         main-command) python benchmarks/bench_main_command.py --out "$RESULTS/main-command.json" ;;
-        suite)        python benchmarks/bench_smollm2.py --set main --jobs "$JOBS" --out "$RESULTS/smollm2.json" ;;
-        ablation)     python benchmarks/bench_smollm2.py --set structured,unstructured --jobs "$JOBS" --deterministic \
-                          --out "$RESULTS/ablation.json" ;;
+        serving)      python benchmarks/bench_serving.py --report "$RESULTS"/allocation-llm-surgeon-{90,80,70}.json \
+                          --uniform 0.8 --align 1 64 --out "$RESULTS/serving.json" ;;
+        tables)       $bench --set main --exclude "llm-surgeon structured" --jobs "$JOBS" --out "$RESULTS/smollm2.json" \
+                          > "$RESULTS/suite.log" 2>&1 &
+                      $bench --set structured,unstructured --jobs "$JOBS" --out "$RESULTS/ablation.json" ;
+                      wait ;;
         *) echo "unknown step $step" >&2 ;;
     esac > "$RESULTS/$step.log" 2>&1
     echo "   $step exit $? $(date +%T)"

@@ -45,9 +45,9 @@ def test_every_exact_option_reaches_the_masked_optimum_of_the_dense_weights(seed
     W0 = torch.from_numpy(rng.normal(size=(R, C)))
     f = KFactors(A=torch.from_numpy(spd(rng, C)), G=torch.from_numpy(spd(rng, R)), n_tokens=1)
     removals = _nested_masks(rng, (R, C), shots)
-    variants = {"unconstrained": {}, "constrained": {"constrain_removed": True},
+    variants = {"unconstrained": {"solver": "obs"}, "constrained": {"solver": "obs", "constrain_removed": True},
                 "row constrained": {"constrain_removed": True, "correlation": "row"},
-                "dense reference": {"reference": "dense"}, "cg": {"solver": "cg", "cg_tol": 1e-13},
+                "dense reference": {"solver": "obs", "reference": "dense"}, "cg": {"solver": "cg", "cg_tol": 1e-13},
                 "cg dense": {"solver": "cg", "reference": "dense", "cg_tol": 1e-13}}
     final = {}
     for label, kw in variants.items():
@@ -64,7 +64,8 @@ def test_every_exact_option_reaches_the_masked_optimum_of_the_dense_weights(seed
                           tol=1e-13)
     loss = {k: float(quadratic_loss(v - W0, Gd, Ad)) for k, v in final.items()}
     for label in ("constrained", "dense reference", "cg", "cg dense"):
-        np.testing.assert_allclose(final[label].numpy(), best.weight.numpy(), rtol=1e-6, atol=1e-8, err_msg=label)
+        # the reference is itself iterative (CG to a 1e-13 residual): ill-conditioned draws leave ~1e-8
+        np.testing.assert_allclose(final[label].numpy(), best.weight.numpy(), rtol=1e-6, atol=1e-7, err_msg=label)
     assert loss["unconstrained"] >= best.loss * (1 - 1e-9) - 1e-12
     assert loss["row constrained"] >= best.loss * (1 - 1e-9) - 1e-12
 
@@ -72,8 +73,6 @@ def test_every_exact_option_reaches_the_masked_optimum_of_the_dense_weights(seed
 def test_options_are_checked():
     with pytest.raises(ValueError, match="solver must be"):
         SurgeonConfig(solver="admm")
-    with pytest.raises(ValueError, match="correlation='full'"):
-        SurgeonConfig(solver="cg", correlation="row")
     with pytest.raises(ValueError, match="reference"):
         SurgeonConfig(reference="pretrained")
     with pytest.raises(ValueError, match="lowrank_target"):
@@ -99,7 +98,7 @@ def test_variants_run_exactly(cfg, calib):
     report = surgeon.prune(model, cfg, calib, device="cpu", progress=False)
     removed = report.params_before - report.params_after
     assert removed == int(cfg.sparsity * report.params_before + 1e-9)
-    if cfg.solver == "cg":
+    if cfg.solver == "cg" and cfg.correlation == "full":
         assert all(s["cg"]["max_residual"] <= cfg.cg_tol for s in report.shots)
     if cfg.structure != "unstructured":
         n, m = cfg.nm
@@ -171,3 +170,20 @@ def test_dense_target_needs_a_teacher(calib):
     model, masks = _half_pruned(1)
     with pytest.raises(ValueError, match="teacher"):
         lowrank_update(_context(model, calib), rank=2, steps=1, lr=1e-3, masks=masks, target="dense")
+
+
+def test_row_and_none_correlation_use_the_obs_closed_forms_whatever_the_solver():
+    """CG solves the full G ⊗ A problem; asking for row or no correlation keeps the OBS closed forms."""
+    rng = np.random.default_rng(0)
+    W0 = torch.from_numpy(rng.normal(size=(4, 6)))
+    f = KFactors(A=torch.from_numpy(spd(rng, 6)), G=torch.from_numpy(spd(rng, 4)), n_tokens=1)
+    rm = torch.from_numpy(rng.random((4, 6)) < 0.4)
+    keep = torch.ones(4, 6, dtype=torch.bool)
+    for corr in ("row", "none"):
+        outs = []
+        for solver in ("cg", "obs"):
+            cfg = SurgeonConfig(solver=solver, correlation=corr)
+            W, _, sol = _update_weights(cfg, "x", W0.clone(), rm, keep, f, _Inverses({"x": f}, cfg), None)
+            assert sol is None
+            outs.append(W)
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -9,7 +9,7 @@ SIZES = (0.9, 0.8, 0.7)
 VARIANTS = [{"label": "dense", "method": "dense", "structure": "none", "sparsity": 0.0}]
 
 VARIANTS += [
-    {"label": "llm-surgeon (defaults)", "method": "llm-surgeon", "structure": "structured", "sparsity": 0.3,
+    {"label": "llm-surgeon structured", "method": "llm-surgeon", "structure": "structured", "sparsity": 0.3,
      "config": {"shots": 12}, "checkpoints": {4: 0.9, 8: 0.8, 12: 0.7}},
 ]
 for method in ("flap", "magnitude"):
@@ -17,6 +17,6 @@ for method in ("flap", "magnitude"):
         VARIANTS.append({"label": method, "method": method, "structure": "structured", "sparsity": round(1 - size, 4)})
 
 for structure in ("unstructured", "2:4"):
-    VARIANTS.append({"label": "llm-surgeon (defaults)", "method": "llm-surgeon", "structure": structure, "sparsity": 0.5})
+    VARIANTS.append({"label": f"llm-surgeon {structure}", "method": "llm-surgeon", "structure": structure, "sparsity": 0.5})
     for method in ("admm", "sparsegpt", "wanda", "magnitude", "k-obd"):
         VARIANTS.append({"label": method, "method": method, "structure": structure, "sparsity": 0.5})

@@ -61,15 +61,15 @@ class SurgeonConfig(MethodConfig):
     align_when: str = option("end", "structured: 'end' rounds each layer's MLP width to the multiple in the last shot; "
                                     "'shot' removes MLP channels in chunks of that many in every shot",
                              choices=("end", "shot"))
-    structured_update: str = option("all", "structured OBS update: 'all' updates the weights around every part of a "
+    structured_update: str = option("output", "structured OBS update: 'all' updates the weights around every part of a "
                                            "removed structure (gate/up/q/k/v rows through G^-1, down/o columns through "
                                            "A^-1); 'output' only the down/o columns (the least-squares optimum of that "
                                            "linear) and slices the input-side rows away",
                                     choices=("all", "output"))
-    structured_cost: str = option("sum", "price of a structure: 'sum' of every part's OBS cost, or 'output' the cost "
+    structured_cost: str = option("output", "price of a structure: 'sum' of every part's OBS cost, or 'output' the cost "
                                          "of its down/o columns alone (the loss of silencing it)",
                                   choices=("sum", "output"))
-    structured_rank: str = option("cost", "global order of structures: 'cost' (loss increase) or 'per_param' (loss "
+    structured_rank: str = option("per_param", "global order of structures: 'cost' (loss increase) or 'per_param' (loss "
                                           "per freed parameter, a knapsack greedy)", choices=("cost", "per_param"))
     attention: str = option("kv_group", "attention structure: 'kv_group' (a KV head and its queries), 'query' (one "
                                         "query head of every KV group; KV heads stay) or 'both'",
@@ -81,7 +81,8 @@ class SurgeonConfig(MethodConfig):
     constrain_removed: bool = option(False, "unstructured/N:M 'obs' update: solve with the weights removed in earlier "
                                             "shots held at zero (else the update moves them, they are re-zeroed after "
                                             "it and the compensation they carried is lost)")
-    solver: str = option("obs", "unstructured/N:M update once the shot's mask is chosen: 'obs' (closed-form OBS at the "
+    solver: str = option("cg", "unstructured/N:M update once the shot's mask is chosen (with correlation='full'; "
+                               "'row'/'none' always use the OBS closed forms): 'obs' (closed-form OBS at the "
                                 "correlation level) or 'cg' (the exact masked optimum in G ⊗ A by conjugate gradient)")
     reference: str = option("current", "unstructured/N:M update: the weights it reconstructs, 'current' (before the "
                                        "shot) or 'dense' (before pruning; keeps a copy of the prunable weights)")
@@ -126,9 +127,6 @@ class SurgeonConfig(MethodConfig):
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.solver == "cg" and self.update and self.correlation != "full":
-            raise ValueError("solver='cg' solves the full G ⊗ A problem: it needs correlation='full' (for the exact "
-                             "per-row solve use solver='obs', correlation='row', constrain_removed=True)")
         if self.cg_iterations < 1 or self.cg_tol < 0:
             raise ValueError(f"need cg_iterations >= 1 and cg_tol >= 0, got {self.cg_iterations} and {self.cg_tol}")
         if not 0.0 <= self.lowrank_holdout < 1.0:
@@ -150,6 +148,7 @@ class KOBDConfig(SurgeonConfig):
     method: ClassVar[str] = "k-obd"
     update: bool = option(False, "apply the correlated OBS update (off for K-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for K-OBD)")
+    solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for K-OBD)")
 
 
 @dataclass(frozen=True)
@@ -160,6 +159,7 @@ class LOBDConfig(SurgeonConfig):
     curvature: str = option("activations", "'activations' (G = I) for L-OBD")
     update: bool = option(False, "apply the correlated OBS update (off for L-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for L-OBD)")
+    solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for L-OBD)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def _update_weights(cfg: SurgeonConfig, name: str, W: torch.Tensor, remove: torc
     """
     dev = W.device
     ref = None if dense is None else dense.to(dev, torch.float32)
-    if cfg.update and cfg.solver == "cg":
+    if cfg.update and cfg.solver == "cg" and cfg.correlation == "full":
         sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping),
                                   damped(factors.A.to(dev), cfg.damp_a), inv.G(name, dev), inv.A(name, dev),
                                   reference=ref, iterations=cfg.cg_iterations, tol=cfg.cg_tol)
