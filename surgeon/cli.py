@@ -234,6 +234,15 @@ def model_identity(spec: str) -> str:
     return "smollm2" if spec.lower() == "smollm2" else str(Path(spec).expanduser().resolve()) if Path(spec).exists() else spec
 
 
+def _calibration_identity(source: str) -> str:
+    """What identifies a calibration source in a run's settings: a name as given, a path made absolute."""
+    from .data import is_named_source
+
+    if is_named_source(source):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def load_model(spec: str, dtype: str = "float32", *, cache: bool | None = None) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a model folder, a .gguf file, ``smollm2`` or a Hugging Face hub id.
     ``cache`` is :func:`surgeon.models.load_gguf`'s (None: on unless ``SURGEON_CACHE=off``)."""
@@ -274,11 +283,12 @@ def _need_tokenizer(tokenizer: Any, what: str) -> Any:
 
 def load_calibration(source: str, tokenizer: Any, *, nsamples: int, seqlen: int, seed: int) -> Any:
     """Calibration windows [nsamples, seqlen] (fewer when a token file holds fewer windows)."""
-    from .data import CALIBRATION_SOURCES, as_token_windows, calibration_windows, load_token_ids, random_windows
+    from .data import CALIBRATION_SOURCES, as_token_windows, calibration_windows, is_named_source, load_token_ids
+    from .data import random_windows
 
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"need --nsamples >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
-    named = source in CALIBRATION_SOURCES or source.startswith("hub:")
+    named = is_named_source(source)
     path = Path(source).expanduser()
     if not named and not path.exists():
         raise FileNotFoundError(f"--calibration {source}: no such file or folder (or one of "
@@ -389,7 +399,7 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
             "config": config.to_dict(),
             "model": model_identity(ns.model),
             "dtype": ns.dtype,
-            "calibration": {"source": ns.calibration if ns.calibration == "wikitext2" else str(Path(ns.calibration).resolve()),
+            "calibration": {"source": _calibration_identity(ns.calibration),
                             "nsamples": ns.nsamples, "seqlen": ns.seqlen, "seed": config.seed},
             "batch_size": ns.batch_size,
             "autocast": ns.autocast,

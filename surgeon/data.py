@@ -28,6 +28,7 @@ __all__ = [
     "eval_text",
     "find_wikitext2",
     "hub_text",
+    "is_named_source",
     "load_token_ids",
     "random_windows",
     "tokenize_text",
@@ -48,6 +49,11 @@ CALIBRATION_SOURCES = {
     "wikitext2": "WikiText-2 validation split (tokenised release, shipped), rows joined with a space",
     "wikitext2-train": "WikiText-2 raw train split from the Hugging Face hub (datasets: wikitext, wikitext-2-raw-v1)",
 }
+
+
+def is_named_source(source: Any) -> bool:
+    """Whether a calibration ``source`` is a name (:data:`CALIBRATION_SOURCES`, ``hub:...``), not a path."""
+    return isinstance(source, str) and (source in CALIBRATION_SOURCES or source.startswith("hub:"))
 
 
 def find_wikitext2(root: str | os.PathLike | None = None) -> Path | None:

@@ -120,3 +120,12 @@ def test_the_readme_main_job_is_what_ci_runs_and_parses():
     ns = build_parser(prune[prune.index("--method") + 1]).parse_args(prune[3:])
     assert ns.model == "smollm2" and ns.calibration == "wikitext2" and ns.batch_size == "auto"
     assert newcomer.output_of(command) == ns.output == "runs/smollm2-s80"
+
+
+def test_named_calibration_sources_are_kept_by_name(tmp_path):
+    from surgeon.cli import _calibration_identity
+
+    assert _calibration_identity("wikitext2") == "wikitext2"
+    assert _calibration_identity("wikitext2-train") == "wikitext2-train"
+    assert _calibration_identity("hub:wikitext:wikitext-2-raw-v1") == "hub:wikitext:wikitext-2-raw-v1"
+    assert _calibration_identity(str(tmp_path / "x.txt")) == str((tmp_path / "x.txt").resolve())
