@@ -22,12 +22,14 @@ from conftest import make_llama, make_opt
 from hypothesis import given
 from hypothesis import strategies as st
 
+from surgeon import prune
 from surgeon.adapters import adapter_for, slice_linear
 from surgeon.cli import main
 from surgeon.export import ExportError, gguf_layout, to_gguf
 from surgeon.export.layout import rope_rows
 from surgeon.export.vocab import vocab_from_gguf, vocab_from_tokenizer
 from surgeon.io import save_pruned
+from surgeon.methods import METHODS
 from surgeon.models import find_smollm2_gguf
 
 VOCAB = 49152  # SmolLM2's, so that its tokenizer keys fit the tiny models
@@ -268,6 +270,22 @@ def test_llama_cpp_logits_match_transformers(tmp_path, llama_cpp, smollm2_gguf, 
     ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1))
     diff = np.abs(_llama_cpp_logits(llama_cpp, path, ids) - _hf_logits(model, ids))
     assert diff.max() < (1e-4 if dtype == "f32" else 5e-3), diff.max()
+
+
+@pytest.mark.parametrize("method", ["llm-surgeon", "flap"])
+def test_llama_cpp_runs_models_the_methods_pruned(tmp_path, llama_cpp, smollm2_gguf, method):
+    """Real structured runs (FLAP folds removed channels into o_proj / down_proj biases)."""
+    model = _tiny()
+    dense_params = adapter_for(model).prunable_params()
+    calib = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(0))
+    extra = {"shots": 2, "max_correlate": 64} if method == "llm-surgeon" else {}
+    prune(model, METHODS[method][0](sparsity=0.3, structure="structured", **extra), calib, device="cpu", progress=False)
+    assert adapter_for(model).prunable_params() < dense_params
+    if method == "flap":
+        assert model.model.layers[0].mlp.down_proj.bias is not None
+    path = to_gguf(model, None, tmp_path / "m.gguf", dtype="f32", source_gguf=smollm2_gguf)
+    ids = calib[0]
+    assert np.abs(_llama_cpp_logits(llama_cpp, path, ids) - _hf_logits(model, ids)).max() < 1e-4
 
 
 def test_llama_cpp_runs_llama3_rope_untied_head_and_biases(tmp_path, llama_cpp, smollm2_gguf):
