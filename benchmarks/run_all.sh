@@ -32,7 +32,7 @@ for step in "${steps[@]}"; do
                           --out "$RESULTS/smollm2-structured.json" ;;
         main-command) python benchmarks/bench_main_command.py --out "$RESULTS/main-command.json" ;;
         serving)      python benchmarks/bench_serving.py --report "$RESULTS"/allocation-llm-surgeon-{90,80,70}.json \
-                          --uniform 0.8 --align 1 64 --out "$RESULTS/serving.json" ;;
+                          --uniform 0.8 --align 1 64 --reps 3 --out "$RESULTS/serving.json" ;;
         tables)       $bench --set main --exclude "llm-surgeon structured" --jobs "$JOBS" --out "$RESULTS/smollm2.json" \
                           > "$RESULTS/suite.log" 2>&1 &
                       $bench --set structured,unstructured --jobs "$JOBS" --out "$RESULTS/ablation.json" ;
