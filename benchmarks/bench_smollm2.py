@@ -94,6 +94,8 @@ def save_allocation(model: Any, modules: dict[str, Any], v: dict[str, Any], targ
     path = Path(folder) / f"allocation-{slug}-{round(target * 100)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"method": v["method"], "config": v.get("config", {}), "model": "SmolLM2-135M-Instruct",
+                                "params_before": sum(r["params_before"] for r in recs.values()),
+                                "params_after": sum(r["params_after"] for r in recs.values()),
                                 "modules": recs}, indent=1))
     return path.name
 
