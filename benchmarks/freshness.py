@@ -5,8 +5,10 @@
 A results JSON records the code that made it in ``versions``: ``surgeon_git`` (the commit, ``+dirty``
 when core files had uncommitted changes; see :func:`surgeon.report.git_commit`) and ``surgeon_core``
 (a digest of the core files as they were, which also works in a copy of the tree without ``.git``).
-It is **stale** when its core differs from the checkout's: a different digest, a dirty or unknown
-commit, or a commit whose core files (``surgeon.report.core_pathspec()``) differ from HEAD's. It is
+It is **stale** when its core differs from the checkout's: a dirty commit, a commit whose core files
+(``surgeon.report.core_pathspec()``) differ from HEAD's or, where no recorded commit can be compared, a
+different digest. A commit git can compare decides alone: a digest taken in a copy of the tree on another
+machine can differ from the same commit's digest for reasons of the copy (seen on the GPU machine's copies). It is
 **unknown** when only a commit is recorded and this clone cannot compare it (no git, a shallow clone).
 ``"historical": true`` on the JSON, or on a row, exempts it: numbers kept on purpose from older code.
 Rows may carry their own ``versions`` (results merged from several runs).
@@ -74,17 +76,17 @@ def check_versions(versions: dict[str, Any], repo: Path, digest: str | None = No
     core = versions.get("surgeon_core")
     if sha.endswith(("+dirty", "-dirty")):
         return "stale", f"made from a tree with uncommitted core changes ({sha})"
-    if core is not None and core != (digest or core_digest(repo)):
-        return "stale", f"its core files (surgeon_core {str(core)[:19]}...) differ from this checkout's"
-    if sha == "unknown":
+    found = None
+    if sha != "unknown":
+        sha = sha.split()[0]
+        found = _git(repo, "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}")
+    if found is None or found.returncode != 0:  # no commit to compare: the digest decides
         if core is not None:
+            if core != (digest or core_digest(repo)):
+                return "stale", f"its core files (surgeon_core {str(core)[:19]}...) differ from this checkout's"
             return "fresh", ""
-        return "stale", "records neither its commit (versions.surgeon_git) nor its core digest"
-    sha = sha.split()[0]
-    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}")
-    if found is None or found.returncode != 0:
-        if core is not None:
-            return "fresh", ""
+        if sha == "unknown":
+            return "stale", "records neither its commit (versions.surgeon_git) nor its core digest"
         why = "git is not available" if found is None else f"commit {sha} is not in this clone (a shallow clone?)"
         return "unknown", why
     diff = _git(repo, "diff", "--name-only", sha, "HEAD", "--", *core_pathspec())
