@@ -501,7 +501,9 @@ def cmd_prune(ns: argparse.Namespace, argv: list[str]) -> int:
         return 0
     print(format_report(report))
     if folder is not None:
-        how = ("surgeon.io.load_pruned (layers have new sizes)" if config.structure_kind == "structured"
+        from .io import is_structured
+
+        how = ("surgeon.io.load_pruned (layers have different sizes)" if is_structured(folder.path)
                else "transformers.AutoModelForCausalLM.from_pretrained")
         print(f"\nwritten to {folder.path}; load it with {how}")
     return 0

@@ -64,9 +64,13 @@ def _tensors(model: nn.Module, layout: GGUFLayout) -> list[Tensor]:
     return out
 
 
+def _stored_dtype(t: torch.Tensor, matrix_dtype: Any) -> np.dtype:
+    return np.dtype(matrix_dtype if t.ndim == 2 else np.float32)
+
+
 def _as_array(t: torch.Tensor, matrix_dtype: Any) -> np.ndarray:
     t = t.detach().to("cpu", torch.float32)
-    return np.ascontiguousarray(t.numpy().astype(matrix_dtype if t.ndim == 2 else np.float32, copy=False))
+    return np.ascontiguousarray(t.numpy().astype(_stored_dtype(t, matrix_dtype), copy=False))
 
 
 def _hparams(writer: gguf.GGUFWriter, model: nn.Module, layout: GGUFLayout) -> None:
@@ -143,19 +147,18 @@ def to_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dtype:
         with torch.no_grad():
             for tname, get in tensors:
                 t = get()
-                is_matrix = t.ndim == 2
-                nbytes = t.numel() * np.dtype(matrix_dtype if is_matrix else np.float32).itemsize
-                writer.add_tensor_info(tname, tuple(t.shape), np.dtype(matrix_dtype if is_matrix else np.float32), nbytes)
+                stored = _stored_dtype(t, matrix_dtype)
+                writer.add_tensor_info(tname, tuple(t.shape), stored, t.numel() * stored.itemsize)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for _, get in tensors:  # one tensor converted at a time
                 writer.write_tensor_data(_as_array(get(), matrix_dtype))
         writer.close()
-        os.replace(tmp, path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+    os.replace(tmp, path)
     logger.info("wrote %s (%s architecture, %s weights, %d layers)", path, layout.arch, dtype, len(layout.layers))
     return path
