@@ -7,8 +7,8 @@ when core files had uncommitted changes; see :func:`surgeon.report.git_commit`) 
 (a digest of the core files as they were, which also works in a copy of the tree without ``.git``).
 It is **stale** when its core differs from the checkout's: a dirty commit, a commit whose core files
 (``surgeon.report.core_pathspec()``) differ from HEAD's or, where no recorded commit can be compared, a
-different digest. A commit git can compare decides alone: a digest taken in a copy of the tree on another
-machine can differ from the same commit's digest for reasons of the copy (seen on the GPU machine's copies). It is
+different digest. A commit git can compare decides alone: a digest taken over a partial copy of the tree differs
+from its commit's (the GPU runs of 84434bd digested a copy of surgeon/ without rust/). It is
 **unknown** when only a commit is recorded and this clone cannot compare it (no git, a shallow clone).
 ``"historical": true`` on the JSON, or on a row, exempts it: numbers kept on purpose from older code.
 Rows may carry their own ``versions`` (results merged from several runs).

@@ -18,7 +18,7 @@ RESULTS="${RESULTS:-$here/benchmarks/results}"
 JOBS="${JOBS:-3}"
 mkdir -p "$RESULTS"
 code="$(mktemp -d /tmp/surgeon-code.XXXX)"
-cp -r "$here/surgeon" "$here/benchmarks" "$code/"
+cp -r "$here/surgeon" "$here/rust" "$here/benchmarks" "$code/"  # every core folder: the digest in versions covers them
 cd "$code"
 export PYTHONPATH="$code${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
