@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", default="main", help="comma-separated variant sets (benchmarks/suites, benchmarks/ablations)")
     p.add_argument("--only", default="", help="comma-separated substrings: run variants whose label contains one")
     p.add_argument("--exclude", default="", help="comma-separated substrings: skip variants whose label contains one")
+    p.add_argument("--structures", default="", help="comma-separated structures (structured, unstructured, 2:4, none): "
+                                                   "run only variants of these")
     p.add_argument("--allocations", default="", metavar="DIR",
                    help="write each structured row's per-linear shapes here (inputs of bench_serving.py --report)")
     p.add_argument("--jobs", type=int, default=1, help="variants run at once (processes sharing the device)")
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.exclude:
         keys = args.exclude.split(",")
         variants = [v for v in variants if not any(k in v["label"] for k in keys)]
+    if args.structures:
+        keep = set(args.structures.split(","))
+        variants = [v for v in variants if v["structure"] in keep]
     if args.quick:  # a smoke run: every variant, two shots
         for v in variants:
             cfg = dict(v.get("config", {}))

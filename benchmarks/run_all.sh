@@ -9,6 +9,14 @@
 #   main-command  the README's main command from the shell, alone (cold and warm model cache)
 #   serving       7B-shaped prefill/decode speed of those allocations, alone
 #   tables        the rest of the results table and the ablations, several runs sharing the GPU at once
+# and steps for filling in parts of the tables (each alone on the GPU, in the order given):
+#   missing       the unstructured and 2:4 rows of the results table (smollm2-fill.json, merged into
+#                 smollm2.json with benchmarks/merge_results.py)
+#   ablate-structured    rows A7-A10 of benchmarks/ablations/structured.py (ablation-structured-2.json)
+#   ablate-unstructured  benchmarks/ablations/unstructured.py (ablation-unstructured.json)
+#   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
+# `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
+# writes them).
 # Each writes its JSON (and .md, .log) into $RESULTS as it goes, so a run cut short still leaves every
 # finished table. The code runs from a copy taken at start, so later changes to the checkout cannot mix
 # two versions into one table.
@@ -16,6 +24,7 @@ set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RESULTS="${RESULTS:-$here/benchmarks/results}"
 JOBS="${JOBS:-3}"
+ALLOC="${ALLOC:-$RESULTS}"
 mkdir -p "$RESULTS"
 code="$(mktemp -d /tmp/surgeon-code.XXXX)"
 cp -r "$here/surgeon" "$here/rust" "$here/benchmarks" "$code/"  # every core folder: the digest in versions covers them
@@ -31,12 +40,18 @@ for step in "${steps[@]}"; do
         structured)   $bench --set main --only "llm-surgeon structured" --allocations "$RESULTS" \
                           --out "$RESULTS/smollm2-structured.json" ;;
         main-command) python benchmarks/bench_main_command.py --out "$RESULTS/main-command.json" ;;
-        serving)      python benchmarks/bench_serving.py --report "$RESULTS"/allocation-llm-surgeon-{90,80,70}.json \
+        serving)      python benchmarks/bench_serving.py --report "$ALLOC"/allocation-llm-surgeon-{90,80,70}.json \
                           --uniform 0.8 --align 1 64 --reps 3 --out "$RESULTS/serving.json" ;;
         tables)       $bench --set main --exclude "llm-surgeon structured" --jobs "$JOBS" --out "$RESULTS/smollm2.json" \
                           > "$RESULTS/suite.log" 2>&1 &
                       $bench --set structured,unstructured --jobs "$JOBS" --out "$RESULTS/ablation.json" ;
                       wait ;;
+        missing)      $bench --set main --structures unstructured,2:4 --out "$RESULTS/smollm2-fill.json" ;;
+        ablate-structured)   $bench --set structured --only "A7 ,A8 ,A9 ,A10 " \
+                                 --out "$RESULTS/ablation-structured-2.json" ;;
+        ablate-unstructured) $bench --set unstructured --out "$RESULTS/ablation-unstructured.json" ;;
+        serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
+                                 --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;
         *) echo "unknown step $step" >&2 ;;
     esac > "$RESULTS/$step.log" 2>&1
     echo "   $step exit $? $(date +%T)"

@@ -1,4 +1,5 @@
-"""Unstructured 50% and 2:4 LLM Surgeon ablation (8 shots): what the exact masked solve buys.
+"""Unstructured 50% and 2:4 LLM Surgeon ablation (8 shots): what the exact masked solve buys, and low-rank
+updates that do not fit the calibration domain.
 
 The defaults (the exact masked optimum by CG after each shot's mask) are the `llm-surgeon unstructured`
 and `llm-surgeon 2:4` rows of `smollm2.json`; the `obs` rows are the library before this ablation.
@@ -12,5 +13,9 @@ def v(label, structure, config):
 
 VARIANTS = [
     v("B1 before: chunked OBS, earlier zeros re-zeroed after each solve (solver=obs)", "unstructured", {"solver": "obs"}),
+    v("B2 CG towards the dense weights (reference=dense)", "unstructured", {"reference": "dense"}),
+    v("B3 + low-rank updates distilled from the dense model, through the mask, held-out step choice",
+      "unstructured", {"lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True, "lowrank_holdout": 0.1}),
     v("C1 2:4 before: chunked OBS (solver=obs)", "2:4", {"solver": "obs"}),
+    v("C2 2:4 CG towards the dense weights (reference=dense)", "2:4", {"reference": "dense"}),
 ]
