@@ -12,7 +12,9 @@
 # and steps for filling in parts of the tables (each alone on the GPU, in the order given):
 #   missing       the unstructured and 2:4 rows of the results table (smollm2-fill.json, merged into
 #                 smollm2.json with benchmarks/merge_results.py)
-#   ablate-structured    rows A7-A10 of benchmarks/ablations/structured.py (ablation-structured-2.json)
+#   main-rest     the rest of the results table, one run at a time (smollm2.json)
+#   ablate-damping       benchmarks/ablations/damping.py (ablation-damping.json)
+#   ablate-structured    rows A7-A8 of benchmarks/ablations/structured.py (ablation-structured-2.json)
 #   ablate-unstructured  benchmarks/ablations/unstructured.py (ablation-unstructured.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
@@ -47,7 +49,9 @@ for step in "${steps[@]}"; do
                       $bench --set structured,unstructured --jobs "$JOBS" --out "$RESULTS/ablation.json" ;
                       wait ;;
         missing)      $bench --set main --structures unstructured,2:4 --out "$RESULTS/smollm2-fill.json" ;;
-        ablate-structured)   $bench --set structured --only "A7 ,A8 ,A9 ,A10 " \
+        main-rest)    $bench --set main --exclude "llm-surgeon structured" --out "$RESULTS/smollm2.json" ;;
+        ablate-damping)      $bench --set damping --out "$RESULTS/ablation-damping.json" ;;
+        ablate-structured)   $bench --set structured --only "A7 ,A8 " \
                                  --out "$RESULTS/ablation-structured-2.json" ;;
         ablate-unstructured) $bench --set unstructured --out "$RESULTS/ablation-unstructured.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \

@@ -330,3 +330,24 @@ def test_opt_accepts_every_attention_kind(calib):
     surgeon.prune(model, SurgeonConfig(sparsity=0.3, structure="structured", shots=2, attention="both", align=1,
                                        structured_rank="per_param"), calib, device="cpu", progress=False)
     assert torch.isfinite(model(calib[:2]).logits).all()
+
+
+def test_structured_default_damping_of_a_is_the_measured_one(calib):
+    """Structured runs damp A by 0.1 unless told otherwise (unstructured/N:M keep 0.01); the default is that
+    value, not another path: the same run with damp_a=0.1 gives the same model, with 0.01 another one."""
+    assert SurgeonConfig(structure="structured", sparsity=0.2).a_damping == 0.1
+    assert SurgeonConfig(structure="unstructured").a_damping == 0.01
+    assert SurgeonConfig(structure="2:4").a_damping == 0.01
+    assert SurgeonConfig(structure="structured", sparsity=0.2, damp_a=0.3).a_damping == 0.3
+    with pytest.raises(ValueError, match="damping"):
+        SurgeonConfig(damp_a=-1.0)
+    weights = {}
+    for label, damp in (("default", None), ("0.1", 0.1), ("0.01", 0.01)):
+        model = gqa()
+        cfg = SurgeonConfig(sparsity=0.3, structure="structured", shots=2, align=1, damp_a=damp)
+        surgeon.prune(model, cfg, calib, device="cpu", progress=False)
+        weights[label] = [p.detach().clone() for p in model.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(weights["default"], weights["0.1"]))
+    assert same and len(weights["default"]) == len(weights["0.1"])
+    differ = [a.shape != b.shape or not torch.equal(a, b) for a, b in zip(weights["default"], weights["0.01"])]
+    assert any(differ)

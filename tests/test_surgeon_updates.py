@@ -59,7 +59,7 @@ def test_every_exact_option_reaches_the_masked_optimum_of_the_dense_weights(seed
             keep &= ~rm
             assert (W[~keep] == 0).all()
         final[label] = W
-    Gd, Ad = damped(f.G, cfg.g_damping), damped(f.A, cfg.damp_a)
+    Gd, Ad = damped(f.G, cfg.g_damping), damped(f.A, cfg.a_damping)
     best = masked_optimum(W0, keep, Gd, Ad, inv.G("x", W0.device), inv.A("x", W0.device), iterations=10 * R * C,
                           tol=1e-13)
     loss = {k: float(quadratic_loss(v - W0, Gd, Ad)) for k, v in final.items()}

@@ -3,8 +3,9 @@
 Every row is one schedule to 70% size read at 90/80/70% (12 shots = 2.5% of the size per shot, as the
 defaults' 8 shots to 80%). The defaults themselves are the `llm-surgeon structured` rows of
 `smollm2-structured.json` (run alone on the GPU); the first row is the library before this ablation.
-Rows A1-A6 were measured at 84434bd/394162c (`ablation-structured.json`); A7-A10 are this file's second
-part, run in one sweep (`ablation-structured-2.json`).
+Rows A1-A6 were measured at 84434bd/394162c (`ablation-structured.json`, the defaults of then: damping
+of A 0.01); A7-A8 are this file's second part (`ablation-structured-2.json`); the damping of A and the
+Fisher's labels have their own table (`damping.py`).
 """
 
 CK12 = {4: 0.9, 8: 0.8, 12: 0.7}
@@ -23,7 +24,4 @@ VARIANTS = [
     # issue 15: where the alignment is enforced, and what one shape for every layer costs
     v("A7 align 64 enforced in every shot (align_when=shot)", {"align_when": "shot"}),
     v("A8 one shape for every layer (allocation=uniform): a stock config", {"allocation": "uniform"}),
-    # issue 16: how much of the curvature is tied to the calibration labels, and how hard the update fits them
-    v("A9 sampled Fisher (labels drawn from the model)", {"fisher": "sampled"}),
-    v("A10 damping of A 0.1 (a more conservative output-side update)", {"damp_a": 0.1}),
 ]

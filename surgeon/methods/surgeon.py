@@ -42,7 +42,7 @@ class SurgeonConfig(MethodConfig):
     curvature: str = option("kfac", "'kfac' (G and A) or 'activations' (A only, G = I)")
     update: bool = option(True, "apply the correlated OBS update to the remaining weights")
     damp_g: float | None = option(None, "relative damping of G (default: 0.01 structured, 0.1 otherwise)")
-    damp_a: float = option(0.01, "relative damping of A")
+    damp_a: float | None = option(None, "relative damping of A (default: 0.1 structured, 0.01 otherwise)")
     correlation: str = option("full", "unstructured/N:M update: 'full', 'row' or 'none'")
     max_correlate: int = option(2000, "most weights solved jointly in one 'full' update chunk")
     equalize: bool = option(True, "rescale G and A to equal Frobenius norm (G ⊗ A unchanged)")
@@ -114,7 +114,7 @@ class SurgeonConfig(MethodConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_correlate < 1:
             raise ValueError(f"max_correlate must be >= 1, got {self.max_correlate}")
-        if self.damp_a < 0 or (self.damp_g is not None and self.damp_g < 0):
+        if (self.damp_a is not None and self.damp_a < 0) or (self.damp_g is not None and self.damp_g < 0):
             raise ValueError("damping must be >= 0")
         if self.align < 1:
             raise ValueError(f"align must be >= 1, got {self.align}")
@@ -139,6 +139,15 @@ class SurgeonConfig(MethodConfig):
         if self.damp_g is not None:
             return self.damp_g
         return 0.01 if self.structure_kind == "structured" else 0.1
+
+    @property
+    def a_damping(self) -> float:
+        """Structured removals are compensated by regressing a removed channel on the kept ones under A: a
+        damping of 0.1 shrinks that regression toward no update, which predicts held-out windows and other
+        text better than 0.01 (benchmarks/results/ablation-damping.md)."""
+        if self.damp_a is not None:
+            return self.damp_a
+        return 0.1 if self.structure_kind == "structured" else 0.01
 
 
 @dataclass(frozen=True)
@@ -207,7 +216,7 @@ class _Inverses:
     def A(self, name: str, device: torch.device) -> torch.Tensor:
         A = self.factors[name].A
         if self._last is None or self._last[0] != id(A) or self._last[1].device != device:
-            self._last = (id(A), damped_inverse(A.to(device), self.cfg.damp_a, name=f"{name} A"))
+            self._last = (id(A), damped_inverse(A.to(device), self.cfg.a_damping, name=f"{name} A"))
         return self._last[1]
 
 
@@ -280,7 +289,7 @@ def _update_weights(cfg: SurgeonConfig, name: str, W: torch.Tensor, remove: torc
     ref = None if dense is None else dense.to(dev, torch.float32)
     if cfg.update and cfg.solver == "cg" and cfg.correlation == "full":
         sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping),
-                                  damped(factors.A.to(dev), cfg.damp_a), inv.G(name, dev), inv.A(name, dev),
+                                  damped(factors.A.to(dev), cfg.a_damping), inv.G(name, dev), inv.A(name, dev),
                                   reference=ref, iterations=cfg.cg_iterations, tol=cfg.cg_tol)
         return sol.weight, sol.loss, sol
     whole = cfg.update and (cfg.constrain_removed or ref is not None)  # every zero of the mask is solved for
