@@ -213,7 +213,8 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [f"# {out['benchmark']}", "", f"`{out['command']}`", "",
              f"{out['device']}, torch {out['versions']['torch']}, transformers {out['versions']['transformers']}, "
              f"surgeon {out['versions']['surgeon_git']}; {out['protocol']['calibration']}; eval {out['protocol']['eval']}; "
-             f"deterministic: {out['deterministic']}; {out['concurrent_jobs']} variants at a time (wall times shared).",
+             f"deterministic: {out['deterministic']}; " + ("one run at a time (wall times its own)." if out["concurrent_jobs"] == 1
+                                                        else f"{out['concurrent_jobs']} variants at a time (wall times shared)."),
              "", "| set | variant | structure | target | achieved | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
