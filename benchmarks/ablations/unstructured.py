@@ -18,4 +18,8 @@ VARIANTS = [
       "unstructured", {"lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True, "lowrank_holdout": 0.1}),
     v("C1 2:4 before: chunked OBS (solver=obs)", "2:4", {"solver": "obs"}),
     v("C2 2:4 CG towards the dense weights (reference=dense)", "2:4", {"reference": "dense"}),
+    # what made structured runs better out of domain: a damped A and labels drawn from the model
+    v("C3 2:4 damping of A 0.1", "2:4", {"damp_a": 0.1}),
+    v("C4 2:4 sampled Fisher", "2:4", {"fisher": "sampled"}),
+    v("B4 unstructured sampled Fisher", "unstructured", {"fisher": "sampled"}),
 ]
