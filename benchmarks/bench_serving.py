@@ -542,7 +542,8 @@ def decode(model: Any, batch: int, args: argparse.Namespace, device: torch.devic
         # inductor fuses the norms, rotary, activations and residual adds of every layer, so the step is
         # mostly its matrix products; its kernels are then captured in the graph like the eager ones
         torch._dynamo.reset()  # a fresh cache per model and batch: no guards of the models before
-        step = torch.compile(dec.step, dynamic=False)
+        mode_arg = None if args.compile_mode == "default" else args.compile_mode
+        step = torch.compile(dec.step, dynamic=False, mode=mode_arg)
         checks[f"compiled_vs_eager_rel_diff_b{batch}"] = rel_diff(step(), eager)
         mode = "compiled"
     run: Callable[[], Any] = step
@@ -676,7 +677,8 @@ class Results:
                          "(5.17 and 5.24) also allocates each layer lazily from its first key states, so it fits pruned "
                          "layers; positions and a 4-D mask are passed in, so the captured step runs none of "
                          "transformers' mask code",
-                "torch.compile": ("the decode step is compiled by torch.compile (inductor, dynamic=False) and then "
+                "torch.compile": (f"the decode step is compiled by torch.compile (inductor, dynamic=False, mode "
+                                  f"{args.compile_mode}) and then "
                                   "captured in the graph: the elementwise work between the matrix products is fused"
                                   if args.compile else
                                   "not used (--compile uses it for decode): compiling each of the many shapes costs "
@@ -724,6 +726,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="decode with the step compiled by torch.compile (inductor) before the graph capture; "
                         "one compilation per model and batch size (about a minute each at 7B shape)")
+    p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode for --compile: the default, or 'max-autotune-no-cudagraphs' (also tries "
+                        "Triton kernels for the small-batch matrix products; much longer to compile)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the alignment section")
     p.add_argument("--sweep-size", type=float, default=0.8)
     p.add_argument("--sweep-heads", type=int, default=None, help="heads per layer (default: 7/8 of the heads)")
