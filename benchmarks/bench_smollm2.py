@@ -96,7 +96,7 @@ def save_allocation(model: Any, modules: dict[str, Any], v: dict[str, Any], targ
     from surgeon.report import versions
 
     path.write_text(json.dumps({"method": v["method"], "config": v.get("config", {}), "model": "SmolLM2-135M-Instruct",
-                                "versions": versions(), "command": " ".join([Path(sys.executable).name] + sys.argv),
+                                "versions": versions(), "extra": {"command": " ".join([Path(sys.executable).name] + sys.argv)},
                                 "params_before": sum(r["params_before"] for r in recs.values()),
                                 "params_after": sum(r["params_after"] for r in recs.values()),
                                 "modules": recs}, indent=1))
