@@ -19,12 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
 import surgeon  # noqa: E402
-from surgeon import data, evaluate  # noqa: E402
+from bench_smollm2 import evaluate_all  # noqa: E402
+from surgeon import data  # noqa: E402
 from surgeon.io import load_pruned, save_pruned  # noqa: E402
 from surgeon.methods import METHODS  # noqa: E402
 from surgeon.models import load_gguf  # noqa: E402
@@ -43,7 +46,7 @@ def main(argv: list[str]) -> None:
     save_pruned(model, folder, tokenizer=tok)
 
     def ppl(m):
-        return {k: round(evaluate.perplexity(m, x, seqlen=EVAL_SEQLEN, batch_size=4), 3) for k, x in texts.items()}
+        return evaluate_all(m, texts, EVAL_SEQLEN, batch=4)
 
     for v in variants:
         m = load_pruned(folder, dtype=torch.float32)

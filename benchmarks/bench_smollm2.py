@@ -60,6 +60,11 @@ def deterministic_mode(on: bool):
         yield
 
 
+def command_line() -> str:
+    """How this run was started, as its results record it."""
+    return " ".join([Path(sys.executable).name] + sys.argv)
+
+
 def evaluate_all(model: Any, texts: dict[str, Any], seqlen: int, batch: int) -> dict[str, float]:
     from surgeon import evaluate
 
@@ -84,19 +89,18 @@ def tokens_per_s(model: Any, device: Any, seqlen: int, batch: int = 8, reps: int
     return batch * seqlen * reps / (time.perf_counter() - t0)
 
 
-def save_allocation(model: Any, modules: dict[str, Any], v: dict[str, Any], target: float, folder: str) -> str:
+def save_allocation(model: Any, data: dict[str, Any], v: dict[str, Any], target: float, folder: str) -> str:
     """Write the pruned model's per-linear shapes as a report (``bench_serving.py --report`` reads it)."""
     from surgeon.adapters import adapter_for
 
+    modules = data["modules"]
     recs = {n: {**modules[n], "shape": list(lin.weight.shape), "params_after": lin.weight.numel()}
             for n, lin in adapter_for(model).linears().items()}
     slug = "".join(c if c.isalnum() else "-" for c in v["label"].split(" ")[0].lower())
     path = Path(folder) / f"allocation-{slug}-{round(target * 100)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from surgeon.report import versions
-
     path.write_text(json.dumps({"method": v["method"], "config": v.get("config", {}), "model": "SmolLM2-135M-Instruct",
-                                "versions": versions(), "extra": {"command": " ".join([Path(sys.executable).name] + sys.argv)},
+                                "versions": data["versions"], "extra": {"command": data["command"]},
                                 "params_before": sum(r["params_before"] for r in recs.values()),
                                 "params_after": sum(r["params_after"] for r in recs.values()),
                                 "modules": recs}, indent=1))
@@ -137,7 +141,7 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespac
         if shot is not None:
             r["shot"] = shot
         if structured and args.allocations:
-            r["allocation_file"] = save_allocation(model, data["modules"], v, target, args.allocations)
+            r["allocation_file"] = save_allocation(model, data, v, target, args.allocations)
         r.update(evaluate_all(model, data["texts"], args.eval_seqlen, args.eval_batch))
         if structured or v["method"] == "dense":
             r["tokens_per_s_after"] = round(tokens_per_s(model, device, args.eval_seqlen))
@@ -208,7 +212,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> str:
     modules = {n: {"layer": i, "type": n.split(f".{i}.", 1)[1], "params_before": lin.weight.numel()}
                for i in range(len(adapter.layers)) for n, lin in adapter.layer_linears(i).items()}
     path = tmp / "data.pt"
-    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts, "modules": modules}, path)
+    from surgeon.report import versions
+
+    torch.save({"model_dir": str(model_dir), "calibration": calib, "texts": texts, "modules": modules,
+                "versions": versions(), "command": command_line()}, path)
     return str(path)
 
 
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             pr.start()
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         head = {
-            "benchmark": out_path.stem, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "benchmark": out_path.stem, "command": command_line(),
             "date": dt.date.today().isoformat(),
             "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu", "versions": versions(),
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
