@@ -22,28 +22,37 @@ def live_mask(M: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(M) > 0
 
 
-def add_damping(M: torch.Tensor, rel: float) -> torch.Tensor:
-    """``M + rel * mean(diag M) * I`` (a new tensor); relative damping keeps ``rel`` scale-free."""
+DAMPING_MODES = ("mean", "diagonal")
+
+
+def add_damping(M: torch.Tensor, rel: float, mode: str = "mean") -> torch.Tensor:
+    """``M + rel * mean(diag M) * I`` (``mode="mean"``) or ``M + rel * diag(M)`` (``mode="diagonal"``), a
+    new tensor. Both are scale-free; the diagonal form also ignores how each coordinate is scaled, so a
+    few outlier channels (LLM activations have them) do not set the damping of all the others."""
     if rel < 0:
         raise ValueError(f"damping must be >= 0, got {rel}")
+    if mode not in DAMPING_MODES:
+        raise ValueError(f"damping mode must be one of {DAMPING_MODES}, got {mode!r}")
     d = torch.diagonal(M)
     mean = d.mean() if d.numel() else M.new_tensor(0.0)
     if not torch.isfinite(mean):
         raise ValueError("curvature matrix contains NaN or Inf")
     eps = rel * mean if mean > 0 else M.new_tensor(rel)
+    if mode == "diagonal":  # a coordinate with no curvature of its own falls back to the mean form
+        eps = torch.where(d > 0, rel * d, eps)
     out = M.clone()
     out.diagonal().add_(eps)
     return out
 
 
-def damped(M: torch.Tensor, rel_damp: float) -> torch.Tensor:
-    """The matrix that :func:`damped_inverse` inverts: the live block damped by ``rel_damp`` relative to
-    its mean diagonal, dead rows and columns left at zero (so they stay out of every product)."""
+def damped(M: torch.Tensor, rel_damp: float, mode: str = "mean") -> torch.Tensor:
+    """The matrix that :func:`damped_inverse` inverts: the live block damped by ``rel_damp`` (see
+    :func:`add_damping` for ``mode``), dead rows and columns left at zero (so they stay out of every product)."""
     live = live_mask(M)
     out = torch.zeros_like(M)
     if bool(live.any()):
         idx = live.nonzero().squeeze(1)
-        out[idx.unsqueeze(1), idx.unsqueeze(0)] = add_damping(M[live][:, live], rel_damp)
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = add_damping(M[live][:, live], rel_damp, mode)
     return out
 
 
@@ -53,8 +62,10 @@ def damped_inverse(
     *,
     name: str = "matrix",
     max_tries: int = 8,
+    mode: str = "mean",
 ) -> torch.Tensor:
-    """Inverse of ``M`` damped by ``rel_damp`` relative to its mean diagonal, via Cholesky.
+    """Inverse of ``M`` damped by ``rel_damp`` relative to its diagonal (``mode``: see :func:`add_damping`),
+    via Cholesky.
 
     Dead rows/columns (zero diagonal) are left out of the factorisation and get a zero row and
     column in the result, so they never leak into updates of live weights. When the damped matrix
@@ -72,7 +83,7 @@ def damped_inverse(
     sub = M[live][:, live]
     damp = rel_damp
     for attempt in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(add_damping(sub, damp))
+        L, info = torch.linalg.cholesky_ex(add_damping(sub, damp, mode))
         if int(info) == 0:
             if attempt:
                 logger.warning("%s: not positive definite, damping raised to %.3g", name, damp)

@@ -332,6 +332,31 @@ def test_opt_accepts_every_attention_kind(calib):
     assert torch.isfinite(model(calib[:2]).logits).all()
 
 
+def test_structured_default_fisher_draws_labels_from_the_model(calib, monkeypatch):
+    """Structured runs estimate the Fisher with sampled labels unless told otherwise; the others keep the
+    text's labels. Checked where the curvature is estimated, not on the config alone."""
+    from surgeon.methods import surgeon as surgeon_method
+
+    assert SurgeonConfig(structure="unstructured").fisher_labels == "empirical"
+    assert SurgeonConfig(structure="2:4").fisher_labels == "empirical"
+    assert SurgeonConfig(structure="structured", sparsity=0.2, fisher="empirical").fisher_labels == "empirical"
+    with pytest.raises(ValueError, match="fisher"):
+        SurgeonConfig(fisher="true")
+    seen = []
+    real = surgeon_method.estimate_kfac
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fisher"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(surgeon_method, "estimate_kfac", spy)
+    surgeon.prune(gqa(), SurgeonConfig(sparsity=0.2, structure="structured", shots=2, align=1), calib,
+                  device="cpu", progress=False)
+    surgeon.prune(gqa(), SurgeonConfig(sparsity=0.2, structure="unstructured", shots=1), calib, device="cpu",
+                  progress=False)
+    assert seen == ["sampled", "sampled", "empirical"]
+
+
 def test_structured_default_damping_of_a_is_the_measured_one(calib):
     """Structured runs damp A by 0.1 unless told otherwise (unstructured/N:M keep 0.01); the default is that
     value, not another path: the same run with damp_a=0.1 gives the same model, with 0.01 another one."""

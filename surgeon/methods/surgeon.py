@@ -38,11 +38,15 @@ class SurgeonConfig(MethodConfig):
 
     shots: int = option(8, "number of shots; curvature is re-estimated before each")
     schedule: str = option("linear", "how the target moves over the shots: linear, cubic or exponential")
-    fisher: str = option("empirical", "'empirical' (true next-token labels) or 'sampled' (labels from the model)")
+    fisher: str | None = option(None, "'empirical' (true next-token labels) or 'sampled' (labels from the model); "
+                                      "default: sampled structured, empirical otherwise")
     curvature: str = option("kfac", "'kfac' (G and A) or 'activations' (A only, G = I)")
     update: bool = option(True, "apply the correlated OBS update to the remaining weights")
     damp_g: float | None = option(None, "relative damping of G (default: 0.01 structured, 0.1 otherwise)")
     damp_a: float | None = option(None, "relative damping of A (default: 0.1 structured, 0.01 otherwise)")
+    damp_mode: str = option("mean", "how damping scales: 'mean' adds damp·mean(diag)·I, 'diagonal' adds "
+                                    "damp·diag (each input and output damped relative to its own scale)",
+                            choices=("mean", "diagonal"))
     correlation: str = option("full", "unstructured/N:M update: 'full', 'row' or 'none'")
     max_correlate: int = option(2000, "most weights solved jointly in one 'full' update chunk")
     equalize: bool = option(True, "rescale G and A to equal Frobenius norm (G ⊗ A unchanged)")
@@ -58,7 +62,7 @@ class SurgeonConfig(MethodConfig):
                             "GPU matrix kernels on their fast paths; small layers use a smaller power-of-two share of "
                             "it; 1 = exact size)")
     # -- structured pruning: what a structure is, how it is priced, compensated and allocated --------------
-    align_when: str = option("end", "structured: 'end' rounds each layer's MLP width to the multiple in the last shot; "
+    align_when: str = option("shot", "structured: 'end' rounds each layer's MLP width to the multiple in the last shot; "
                                     "'shot' removes MLP channels in chunks of that many in every shot",
                              choices=("end", "shot"))
     structured_update: str = option("output", "structured OBS update: 'all' updates the weights around every part of a "
@@ -103,12 +107,12 @@ class SurgeonConfig(MethodConfig):
         super().__post_init__()
         if self.shots < 1:
             raise ValueError(f"shots must be >= 1, got {self.shots}")
-        checks = {"schedule": ("linear", "cubic", "exponential"), "fisher": ("empirical", "sampled"),
+        checks = {"schedule": ("linear", "cubic", "exponential"), "fisher": (None, "empirical", "sampled"),
                   "curvature": ("kfac", "activations"), "correlation": ("full", "row", "none"),
                   "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "global"),
                   "align_when": ("end", "shot"), "structured_update": ("all", "output"),
                   "structured_cost": ("sum", "output"), "structured_rank": ("cost", "per_param"),
-                  "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform")}
+                  "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform"), "damp_mode": ("mean", "diagonal")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -139,6 +143,15 @@ class SurgeonConfig(MethodConfig):
         if self.damp_g is not None:
             return self.damp_g
         return 0.01 if self.structure_kind == "structured" else 0.1
+
+    @property
+    def fisher_labels(self) -> str:
+        """Structured costs and updates fitted to the calibration text's own next tokens follow that text:
+        labels drawn from the model (the true Fisher) gave lower perplexity on the calibration windows and
+        on both test texts (benchmarks/results/ablation-damping.md, row D3)."""
+        if self.fisher is not None:
+            return self.fisher
+        return "sampled" if self.structure_kind == "structured" else "empirical"
 
     @property
     def a_damping(self) -> float:
@@ -182,7 +195,7 @@ def _factors(ctx: Context, names: list[str], shot: int) -> dict[str, KFactors]:
     try:
         with activation_checkpointing(ctx.model, ctx.adapter.layers):
             factors = estimate_kfac(
-                ctx.model, modules, batches, fisher=cfg.fisher, seed=distributed.rank_seed(cfg.seed + shot),
+                ctx.model, modules, batches, fisher=cfg.fisher_labels, seed=distributed.rank_seed(cfg.seed + shot),
                 autocast_dtype=None if cfg.curvature_fp32 else ctx.autocast_dtype, device=ctx.device,
                 offload=cfg.offload_factors, gradients=cfg.curvature == "kfac",
                 tf32=ctx.device.type == "cuda" and not cfg.curvature_fp32 and not determinism.active(),
@@ -211,12 +224,14 @@ class _Inverses:
         self._last: tuple[int, torch.Tensor] | None = None
 
     def G(self, name: str, device: torch.device) -> torch.Tensor:
-        return damped_inverse(self.factors[name].G.to(device), self.cfg.g_damping, name=f"{name} G")
+        return damped_inverse(self.factors[name].G.to(device), self.cfg.g_damping, name=f"{name} G",
+                              mode=self.cfg.damp_mode)
 
     def A(self, name: str, device: torch.device) -> torch.Tensor:
         A = self.factors[name].A
         if self._last is None or self._last[0] != id(A) or self._last[1].device != device:
-            self._last = (id(A), damped_inverse(A.to(device), self.cfg.a_damping, name=f"{name} A"))
+            self._last = (id(A), damped_inverse(A.to(device), self.cfg.a_damping, name=f"{name} A",
+                                                       mode=self.cfg.damp_mode))
         return self._last[1]
 
 
@@ -288,8 +303,8 @@ def _update_weights(cfg: SurgeonConfig, name: str, W: torch.Tensor, remove: torc
     dev = W.device
     ref = None if dense is None else dense.to(dev, torch.float32)
     if cfg.update and cfg.solver == "cg" and cfg.correlation == "full":
-        sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping),
-                                  damped(factors.A.to(dev), cfg.a_damping), inv.G(name, dev), inv.A(name, dev),
+        sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping, cfg.damp_mode),
+                                  damped(factors.A.to(dev), cfg.a_damping, cfg.damp_mode), inv.G(name, dev), inv.A(name, dev),
                                   reference=ref, iterations=cfg.cg_iterations, tol=cfg.cg_tol)
         return sol.weight, sol.loss, sol
     whole = cfg.update and (cfg.constrain_removed or ref is not None)  # every zero of the mask is solved for
