@@ -184,10 +184,11 @@ def test_smollm2_magnitude_end_to_end(tmp_path):
 @pytest.mark.distributed
 def test_torchrun_two_ranks_write_the_model_of_one_process(workspace, tmp_path):
     """``torchrun -m surgeon prune`` on two gloo ranks: rank 0 alone writes, and the model it writes
-    has the heads and channels of a one-process run, with the same weights up to rounding."""
+    has the heads and channels of a one-process run, with the same weights up to rounding. The empirical
+    Fisher: sampled labels are drawn per rank (the same distribution, another draw)."""
     def args(out):
         return prune_args(workspace, out, "--method", "llm-surgeon", "--structure", "structured", "--sparsity", "0.25",
-                          "--shots", "2", "--accumulate", "float64")
+                          "--shots", "2", "--accumulate", "float64", "--fisher", "empirical")
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
