@@ -18,6 +18,7 @@
 #   ablate-unstructured  benchmarks/ablations/unstructured.py (ablation-unstructured.json)
 #   ablate-24            rows C3-C4 of benchmarks/ablations/unstructured.py (ablation-24.json)
 #   ablate-defaults      benchmarks/ablations/defaults.py: the structured defaults before (ablation-defaults.json)
+#   ablate-refit         rows B5 and C6 of benchmarks/ablations/unstructured.py: the final refit (ablation-refit.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
 # writes them).
@@ -58,6 +59,7 @@ for step in "${steps[@]}"; do
         ablate-unstructured) $bench --set unstructured --out "$RESULTS/ablation-unstructured.json" ;;
         ablate-24)           $bench --set unstructured --only "C3 ,C4 " --out "$RESULTS/ablation-24.json" ;;
         ablate-defaults)     $bench --set defaults --out "$RESULTS/ablation-defaults.json" ;;
+        ablate-refit)        $bench --set unstructured --only "B5 ,C6 " --out "$RESULTS/ablation-refit.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;
         *) echo "unknown step $step" >&2 ;;

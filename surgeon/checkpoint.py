@@ -8,6 +8,8 @@ survive a lost machine. After each shot (or layer) a method calls ``ctx.checkpoi
 - ``state.json``: the method's resume state, the config, the elapsed time,
 - ``report.json``: the report so far (readable by ``surgeon report`` while the run goes on),
 - ``rng.pt``: the torch random number generator states,
+- ``tensors.pt``: tensors the method needs to continue (its state's ``_tensors``, e.g. the weights before
+  pruning that a dense reference needs), written once and linked into later checkpoints,
 
 into a hidden folder that then replaces the previous checkpoint by renaming, so a kill at any moment
 leaves either the old checkpoint or the new one, never a mix. Resuming loads the model from the
@@ -41,6 +43,7 @@ logger = logging.getLogger("surgeon")
 STATE_FILE = "state.json"
 REPORT_FILE = "report.json"
 RNG_FILE = "rng.pt"
+TENSORS_FILE = "tensors.pt"
 FORMAT = 1
 
 
@@ -100,6 +103,7 @@ class Checkpointer:
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
         self._last: float | None = None
+        self._tensors_id: int | None = None  # the ``_tensors`` object the current checkpoint holds
 
     # -- writing ----------------------------------------------------------------------------------
     def bind(self, ctx: Any) -> None:
@@ -141,6 +145,10 @@ class Checkpointer:
         ctx.report.peak_host_gb = host_peak_gb()
         ctx.report.save(tmp / REPORT_FILE)
         torch.save(get_rng_state(), tmp / RNG_FILE)
+        state = dict(state)
+        tensors = state.pop("_tensors", None)
+        if tensors is not None:
+            self._write_tensors(tensors, tmp / TENSORS_FILE)
         _write_json(tmp / STATE_FILE, {
             "format": FORMAT, "kind": kind, "state": state, "config": ctx.config.to_dict(),
             "elapsed_s": self.elapsed_s, "saved_at": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -154,6 +162,20 @@ class Checkpointer:
         self.saved += 1
         logger.info("checkpoint after %s (%s) written to %s in %.1fs", kind, _describe(state), self.path,
                     time.perf_counter() - t0)
+
+    def _write_tensors(self, tensors: dict[str, Any], dest: Path) -> None:
+        """The same object as in the current checkpoint is linked (it does not change during a run:
+        a copy of the weights before pruning is as large as the prunable weights), else written."""
+        held = self.path / TENSORS_FILE
+        if self._tensors_id == id(tensors) and held.is_file():
+            try:
+                os.link(held, dest)
+                return
+            except OSError:
+                shutil.copyfile(held, dest)
+                return
+        torch.save(tensors, dest)
+        self._tensors_id = id(tensors)
 
     # -- reading ----------------------------------------------------------------------------------
     def _folder(self) -> Path | None:
@@ -185,6 +207,8 @@ class Checkpointer:
             state["_report"] = json.loads((folder / REPORT_FILE).read_text())
         if (folder / RNG_FILE).is_file():
             state["_rng"] = torch.load(folder / RNG_FILE, weights_only=True)
+        if (folder / TENSORS_FILE).is_file():
+            state["_tensors"] = torch.load(folder / TENSORS_FILE, weights_only=True, map_location="cpu")
         return state
 
     def load_model(self, **kwargs: Any) -> torch.nn.Module:

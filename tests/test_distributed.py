@@ -26,6 +26,7 @@ from surgeon.curvature import KFactors, estimate_kfac
 
 WORLD = 2
 SHOTS = 2
+STRUCTURES = ("structured", "unstructured", "2:4")
 
 
 def _calibration() -> torch.Tensor:
@@ -37,7 +38,8 @@ def _config(structure: str):
     from surgeon.methods.surgeon import SurgeonConfig
 
     # the empirical Fisher: sampled labels are drawn per rank, so they are another draw than one process's
-    return SurgeonConfig(sparsity=0.25, structure=structure, shots=SHOTS, seed=0, fisher="empirical")
+    sparsity = {} if structure == "2:4" else {"sparsity": 0.25}  # 2:4 also refits (rank 0 solves, broadcasts)
+    return SurgeonConfig(structure=structure, shots=SHOTS, seed=0, fisher="empirical", **sparsity)
 
 
 def _prune(structure: str) -> dict[str, torch.Tensor]:
@@ -103,7 +105,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                    Path(out) / f"factors{rank}.pt")
         exact = distributed.reduce_factors(estimate_kfac(model, linears, list(mine.split(1)), dtype=torch.float64))
         torch.save({n: (f.A.float(), f.G.float()) for n, f in exact.items()}, Path(out) / f"exact{rank}.pt")
-        for structure in ("structured", "unstructured"):
+        for structure in STRUCTURES:
             torch.save(_prune(structure), Path(out) / f"{structure}{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -168,7 +170,7 @@ def test_two_ranks_prune_like_one_process(tmp_path, monkeypatch):
         for name, (A, G) in torch.load(tmp_path / f"exact{r}.pt").items():
             assert torch.equal(A, exact[name].A.float()) and torch.equal(G, exact[name].G.float()), name
 
-    for structure in ("structured", "unstructured"):
+    for structure in STRUCTURES:
         ranks = [torch.load(tmp_path / f"{structure}{r}.pt") for r in range(WORLD)]
         single = _prune(structure)
         for name, w in single.items():

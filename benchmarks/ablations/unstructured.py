@@ -23,4 +23,7 @@ VARIANTS = [
     v("C4 2:4 sampled Fisher", "2:4", {"fisher": "sampled"}),
     v("C5 2:4 damping of G 1.0 (better on held-out windows on the CPU)", "2:4", {"damp_g": 1.0}),
     v("B4 unstructured sampled Fisher", "unstructured", {"fisher": "sampled"}),
+    # the mask the shots chose, refilled by layer-wise least squares toward the dense outputs (the 2:4 default)
+    v("C6 2:4 before: the shots' own weights, no refit (refit=none)", "2:4", {"refit": "none"}),
+    v("B5 unstructured refitted to the dense outputs (refit=admm)", "unstructured", {"refit": "admm"}),
 ]

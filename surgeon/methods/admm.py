@@ -14,13 +14,14 @@ from typing import ClassVar
 
 import torch
 
+from .. import distributed
 from ..config import MethodConfig, option
 from ..masks import capped_row_mask, nm_mask, row_mask
 from ..sequential import Gram, LayerStep, for_each_layer, output_error, timed
 from .base import Context, register
 from .wanda import offload_flag
 
-__all__ = ["AdmmConfig", "Preconditioned", "admm_prune", "admm_update", "cubic_schedule"]
+__all__ = ["AdmmConfig", "Preconditioned", "admm_prune", "admm_update", "cubic_schedule", "refit_to_dense"]
 
 
 @dataclass(frozen=True)
@@ -183,3 +184,50 @@ def run(ctx: Context) -> None:
                     w0.copy_(w.to(w0.dtype))
 
     for_each_layer(ctx, step, offload=offload_flag(cfg.offload), desc="admm", checkpoint=True)
+
+
+@torch.no_grad()
+def refit_to_dense(
+    ctx: Context,
+    dense: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    *,
+    iterations: int = 50,
+    damp: float = 0.1,
+    rho: float = 1.0,
+) -> dict[str, float]:
+    """Refit every prunable linear, on its keep-mask, to the outputs its ``dense`` weights would give.
+
+    Block by block on the inputs of the blocks already refitted (as :func:`run`), each linear gets the
+    damped masked least-squares optimum min ‖XW_denseᵀ − XWᵀ‖² by :func:`admm_update`: the mask stays
+    what another method chose (LLM Surgeon's, from global K-FAC costs), only the weights that fill it
+    change. Returns the summed relative output errors (:func:`output_error`, the same Gram matrices)
+    of the weights before and after. In a data-parallel run rank 0 solves and broadcasts each weight.
+    """
+    totals = {"error_before": 0.0, "error_after": 0.0}
+
+    def step(s: LayerStep) -> None:
+        linears = s.linears
+        stats = s.collect(Gram.of)
+        prepared: dict[int, Preconditioned] = {}
+
+        def solve(name: str) -> torch.Tensor:
+            lin, g = linears[name], stats[name].sum
+            if id(g) not in prepared:
+                prepared[id(g)] = Preconditioned.from_gram(g, damp=damp, rho=rho)
+            w0 = dense[name].to(lin.weight.device, torch.float32)
+            w = prepared[id(g)].solve(w0, iterations, mask=masks[name].to(lin.weight.device))
+            totals["error_before"] += output_error(w0, lin.weight.data, g)
+            totals["error_after"] += output_error(w0, w, g)
+            return w.to(lin.weight.dtype)
+
+        with ctx.phase("refit"):
+            names = list(linears)
+            new = distributed.spread(names, solve, dict.fromkeys(names, 0),
+                                     lambda n: (tuple(linears[n].weight.shape), linears[n].weight.dtype,
+                                                linears[n].weight.device))
+            for name, w in new.items():
+                linears[name].weight.data.copy_(w)
+
+    for_each_layer(ctx, step, desc="refit")
+    return totals

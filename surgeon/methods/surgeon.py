@@ -25,6 +25,7 @@ from ..obs import masked as mobs
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
 from ..selection import select_count
+from .admm import refit_to_dense
 from .base import Context, register
 
 __all__ = ["SurgeonConfig", "KOBDConfig", "LOBDConfig"]
@@ -102,6 +103,11 @@ class SurgeonConfig(MethodConfig):
     lowrank_masked: bool = option(False, "train the low-rank adapters through the sparsity mask (what they learn "
                                          "is what is kept)")
     lowrank_final: bool = option(False, "fit a low-rank update after the last shot too")
+    refit: str | None = option(None, "unstructured/N:M, after the last shot: 'admm' refits every linear on the mask the "
+                                     "shots chose to its dense outputs, block by block (ADMM's layer-wise least "
+                                     "squares; keeps a copy of the prunable weights), 'none' keeps the shots' weights; "
+                                     "default: admm for N:M, none otherwise")
+    refit_iterations: int = option(50, "refit='admm': ADMM iterations per linear")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +143,13 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"lowrank_holdout must be in [0, 1), got {self.lowrank_holdout}")
         if self.lowrank_eval_every < 1:
             raise ValueError(f"lowrank_eval_every must be >= 1, got {self.lowrank_eval_every}")
+        if self.refit not in (None, "none", "admm"):
+            raise ValueError(f"refit must be one of (None, 'none', 'admm'), got {self.refit!r}")
+        if self.refit_iterations < 1:
+            raise ValueError(f"refit_iterations must be >= 1, got {self.refit_iterations}")
+        if self.refit == "admm" and self.structure_kind == "structured":
+            raise ValueError("refit='admm' refits an unstructured or N:M mask; structured pruning removes whole "
+                             "structures and compensates them in every shot (use refit=None)")
 
     @property
     def g_damping(self) -> float:
@@ -152,6 +165,15 @@ class SurgeonConfig(MethodConfig):
         if self.fisher is not None:
             return self.fisher
         return "sampled" if self.structure_kind == "structured" else "empirical"
+
+    @property
+    def refit_method(self) -> str:
+        """What fills the final unstructured/N:M mask: 'none' (the shots' K-FAC updates) or 'admm'."""
+        if self.structure_kind == "structured":
+            return "none"
+        if self.refit is not None:
+            return self.refit
+        return "admm" if self.structure_kind == "nm" else "none"
 
     @property
     def a_damping(self) -> float:
@@ -171,6 +193,7 @@ class KOBDConfig(SurgeonConfig):
     update: bool = option(False, "apply the correlated OBS update (off for K-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for K-OBD)")
     solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for K-OBD)")
+    refit: str | None = option("none", "final refit of the mask (none for K-OBD: the paper's baseline has no update)")
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ class LOBDConfig(SurgeonConfig):
     update: bool = option(False, "apply the correlated OBS update (off for L-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for L-OBD)")
     solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for L-OBD)")
+    refit: str | None = option("none", "final refit of the mask (none for L-OBD: the paper's baseline has no update)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,16 +407,27 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
 
 
 def _dense_copies(ctx: Context, cfg: SurgeonConfig) -> tuple[dict[str, torch.Tensor] | None, Any]:
-    """What ``reference='dense'`` (the prunable weights) and ``lowrank_target='dense'`` (a frozen copy of the
-    model, at the calibration passes' precision) keep of the model before pruning."""
-    weights = cfg.structure_kind != "structured" and cfg.update and cfg.reference == "dense"
+    """What ``reference='dense'`` and ``refit='admm'`` (the prunable weights) and ``lowrank_target='dense'`` (a
+    frozen copy of the model, at the calibration passes' precision) keep of the model before pruning.
+
+    A resumed run finds the weights in its checkpoint (``_tensors``); the frozen model is not kept there.
+    """
+    weights = cfg.structure_kind != "structured" and (
+        (cfg.update and cfg.reference == "dense") or cfg.refit_method != "none")
     model = cfg.lowrank_rank > 0 and cfg.lowrank_target == "dense"
-    if (weights or model) and ctx.resume_state:
-        raise ValueError("reference='dense' and lowrank_target='dense' need the model before pruning, which a "
-                         "resumed run no longer has; run from the start")
+    if model and ctx.resume_state:
+        raise ValueError("lowrank_target='dense' needs the model before pruning, which a resumed run no longer has; "
+                         "run from the start")
     dense = None
-    if weights:
-        where = torch.device("cpu") if cfg.offload_factors else None
+    where = torch.device("cpu") if cfg.offload_factors else None
+    if weights and ctx.resume_state:
+        dense = (ctx.resume_state.get("_tensors") or {}).get("dense")
+        if dense is None:
+            raise ValueError("reference='dense' and refit='admm' need the weights before pruning, and this checkpoint "
+                             "does not hold them; run from the start")
+        dense = {name: t.to(where or lin.weight.device) for name, t in dense.items()
+                 for lin in [ctx.adapter.linears()[name]]}
+    elif weights:
         dense = {name: lin.weight.detach().to(where or lin.weight.device, copy=True)
                  for name, lin in ctx.adapter.linears().items()}
     return dense, dense_teacher(ctx.model, ctx.autocast_dtype) if model else None
@@ -417,6 +452,7 @@ def run(ctx: Context) -> None:
             groups = keep.view(keep.shape[0], -1, m)
             groups |= (~groups).cumsum(-1) > (m - n)
     dense, teacher = _dense_copies(ctx, cfg)
+    kept = None if dense is None else {"dense": dense}  # one object: the checkpoints write it once
     start = 0
     if ctx.resume_state:
         start = int(ctx.resume_state.get("next_shot", 0))
@@ -448,4 +484,10 @@ def run(ctx: Context) -> None:
         if ctx.on_shot is not None:
             ctx.on_shot(rec)
         if ctx.checkpoint is not None:
-            ctx.checkpoint("shot", {"next_shot": shot + 1, "shots": ctx.report.shots, "params0": params0})
+            state = {"next_shot": shot + 1, "shots": ctx.report.shots, "params0": params0}
+            ctx.checkpoint("shot", {**state, "_tensors": kept} if kept is not None else state)
+    if cfg.refit_method == "admm":
+        ctx.report.extra["refit"] = {"method": "admm", "iterations": cfg.refit_iterations,
+                                     **refit_to_dense(ctx, dense, masks, iterations=cfg.refit_iterations)}
+        ctx.log.info("refit to the dense outputs: summed relative output error %.4g -> %.4g",
+                     ctx.report.extra["refit"]["error_before"], ctx.report.extra["refit"]["error_after"])

@@ -1,0 +1,147 @@
+"""LLM Surgeon's final refit (``refit='admm'``): the shots' mask, refilled by layer-wise least squares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_llama, make_opt
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_resume import Crash, CrashAfter
+
+import surgeon
+from surgeon.adapters import adapter_for
+from surgeon.checkpoint import TENSORS_FILE, Checkpointer
+from surgeon.methods.admm import Preconditioned
+from surgeon.methods.surgeon import SurgeonConfig
+
+FAST = {"correlation": "row", "shots": 2}
+
+
+def _masked_lstsq(w0: np.ndarray, H: np.ndarray, keep: np.ndarray, damp: float) -> np.ndarray:
+    """Row by row, min (w − w₀)ᵀ H (w − w₀) with w zero off ``keep``, damped as the refit damps: in the
+    coordinates w' = w·d (d = sqrt(diag H)) H becomes D⁻¹HD⁻¹ + damp·mean(its diagonal)·I."""
+    d = np.sqrt(np.diag(H))
+    Hp = H / d[:, None] / d[None, :]
+    Hp = Hp + damp * np.mean(np.diag(Hp)) * np.eye(len(d))
+    out = np.zeros_like(w0)
+    for r in range(w0.shape[0]):
+        a = w0[r] * d
+        k, p = keep[r], ~keep[r]
+        x = np.zeros_like(a)
+        if k.any():
+            x[k] = a[k] + np.linalg.solve(Hp[np.ix_(k, k)], Hp[np.ix_(k, p)] @ a[p])
+        out[r] = x / d
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), R=st.integers(1, 5), C=st.integers(2, 7))
+def test_fixed_mask_admm_reaches_the_damped_masked_least_squares(seed, R, C):
+    """The solve the refit uses, against the normal equations of each row on its kept inputs."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(3 * C, C)) * rng.uniform(0.2, 3.0, size=C)
+    H = X.T @ X
+    w0 = rng.normal(size=(R, C))
+    keep = rng.random((R, C)) < 0.6
+    pre = Preconditioned.from_gram(torch.from_numpy(H), damp=0.1, rho=1.0)
+    got = pre.solve(torch.from_numpy(w0), 3000, mask=torch.from_numpy(keep)).numpy()
+    np.testing.assert_allclose(got, _masked_lstsq(w0, H, keep, 0.1), atol=1e-6, rtol=1e-5)
+    assert (got[~keep] == 0).all()
+
+
+def _inputs(model, name, calib):
+    """XᵀX of ``name``'s inputs over the calibration windows (float64)."""
+    lin = adapter_for(model).linears()[name]
+    grams = []
+    h = lin.register_forward_pre_hook(lambda m, a: grams.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(calib)
+    h.remove()
+    X = torch.cat(grams)
+    return (X.T @ X).numpy()
+
+
+@pytest.mark.parametrize("structure", ["2:4", "unstructured"])
+def test_refit_fills_the_shots_mask_with_the_least_squares_weights(calib, structure):
+    """Block 0's inputs do not depend on pruning, so there the refitted weights are the damped masked
+    least squares toward the dense weights on the calibration inputs, over the mask the shots chose."""
+    dense = make_llama()
+    name = "model.layers.0.self_attn.q_proj"
+    H = _inputs(dense, name, calib)
+    w_dense = adapter_for(dense).linears()[name].weight.detach().double().numpy()
+    shots_only = make_llama()
+    surgeon.prune(shots_only, SurgeonConfig(structure=structure, refit="none", **FAST), calib, device="cpu",
+                  progress=False)
+    model = make_llama()
+    cfg = SurgeonConfig(structure=structure, refit="admm", refit_iterations=3000, **FAST)
+    report = surgeon.prune(model, cfg, calib, device="cpu", progress=False)
+    for n, lin in adapter_for(model).linears().items():  # the same mask as the shots alone
+        ref = adapter_for(shots_only).linears()[n].weight
+        assert ((lin.weight != 0) <= (ref != 0)).all(), n
+    w = adapter_for(model).linears()[name].weight.detach().double().numpy()
+    keep = adapter_for(shots_only).linears()[name].weight.detach().numpy() != 0
+    np.testing.assert_allclose(w, _masked_lstsq(w_dense, H, keep, 0.1), atol=2e-5, rtol=1e-3)
+    rec = report.extra["refit"]
+    assert rec["method"] == "admm" and rec["error_after"] < rec["error_before"]
+
+
+def test_nm_default_refits_and_keeps_the_pattern(calib):
+    """N:M refits by default (the choice the held-out windows made); the pattern survives the refit."""
+    assert SurgeonConfig(structure="2:4").refit_method == "admm"
+    assert SurgeonConfig(structure="unstructured").refit_method == "none"
+    assert SurgeonConfig(structure="structured", sparsity=0.2).refit_method == "none"
+    model = make_opt()
+    report = surgeon.prune(model, SurgeonConfig(structure="2:4", **FAST), calib, device="cpu", progress=False)
+    assert "refit" in report.extra
+    for n, lin in adapter_for(model).linears().items():
+        groups = (lin.weight.view(lin.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert int(groups.max()) <= 2, n
+    plain = make_opt()
+    report = surgeon.prune(plain, SurgeonConfig(structure="2:4", refit="none", **FAST), calib, device="cpu",
+                           progress=False)
+    assert "refit" not in report.extra
+    w = [lin.weight for lin in adapter_for(model).linears().values()]
+    v = [lin.weight for lin in adapter_for(plain).linears().values()]
+    assert any(not torch.equal(a, b) for a, b in zip(w, v))
+
+
+def test_bad_refit_options_are_refused():
+    with pytest.raises(ValueError, match="refit must be one of"):
+        SurgeonConfig(structure="2:4", refit="lstsq")
+    with pytest.raises(ValueError, match="refit_iterations"):
+        SurgeonConfig(structure="2:4", refit_iterations=0)
+    with pytest.raises(ValueError, match="structured pruning removes whole structures"):
+        SurgeonConfig(structure="structured", sparsity=0.2, refit="admm")
+
+
+def test_resumed_refit_run_equals_the_uninterrupted_one(tmp_path, calib):
+    """The weights before pruning travel in the checkpoint (tensors.pt), so a resumed run refits to them."""
+    cfg = SurgeonConfig(structure="2:4", shots=3, correlation="row")
+    ref = make_llama()
+    surgeon.prune(ref, cfg, calib, device="cpu", progress=False)
+    with pytest.raises(Crash):
+        surgeon.prune(make_llama(), cfg, calib, device="cpu", progress=False, checkpoint=CrashAfter(tmp_path / "c", 2))
+    ckpt = Checkpointer(tmp_path / "c")
+    assert (tmp_path / "c" / TENSORS_FILE).is_file()
+    state = ckpt.load_state()
+    original = adapter_for(make_llama()).linears()
+    assert all(torch.equal(state["_tensors"]["dense"][n], original[n].weight) for n in original)
+    model = ckpt.load_model(attn_implementation="eager")
+    surgeon.prune(model, cfg, calib, device="cpu", progress=False, checkpoint=ckpt, resume_state=state)
+    got, want = adapter_for(model).linears(), adapter_for(ref).linears()
+    for n in want:
+        torch.testing.assert_close(got[n].weight, want[n].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_the_dense_weights_is_refused(tmp_path, calib):
+    cfg = SurgeonConfig(structure="2:4", shots=3, correlation="row")
+    with pytest.raises(Crash):
+        surgeon.prune(make_llama(), cfg, calib, device="cpu", progress=False, checkpoint=CrashAfter(tmp_path / "c", 1))
+    ckpt = Checkpointer(tmp_path / "c")
+    state = ckpt.load_state()
+    state.pop("_tensors")
+    with pytest.raises(ValueError, match="does not hold them"):
+        surgeon.prune(ckpt.load_model(attn_implementation="eager"), cfg, calib, device="cpu", progress=False,
+                      resume_state=state)
