@@ -18,7 +18,9 @@
 #   ablate-unstructured  benchmarks/ablations/unstructured.py (ablation-unstructured.json)
 #   ablate-24            rows C3-C4 of benchmarks/ablations/unstructured.py (ablation-24.json)
 #   ablate-defaults      benchmarks/ablations/defaults.py: the structured defaults before (ablation-defaults.json)
-#   ablate-refit         rows B5 and C6 of benchmarks/ablations/unstructured.py: the final refit (ablation-refit.json)
+#   ablate-refit         row C6 of benchmarks/ablations/unstructured.py: 2:4 without the final refit (ablation-refit.json)
+#   ablate-refit-u       row B5: unstructured with the final refit (ablation-refit-u.json)
+#   ablate-uniform       row A8 of benchmarks/ablations/structured.py: one shape for every layer (ablation-uniform.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
 # writes them).
@@ -59,7 +61,9 @@ for step in "${steps[@]}"; do
         ablate-unstructured) $bench --set unstructured --out "$RESULTS/ablation-unstructured.json" ;;
         ablate-24)           $bench --set unstructured --only "C3 ,C4 " --out "$RESULTS/ablation-24.json" ;;
         ablate-defaults)     $bench --set defaults --out "$RESULTS/ablation-defaults.json" ;;
-        ablate-refit)        $bench --set unstructured --only "B5 ,C6 " --out "$RESULTS/ablation-refit.json" ;;
+        ablate-refit)        $bench --set unstructured --only "C6 " --out "$RESULTS/ablation-refit.json" ;;
+        ablate-refit-u)      $bench --set unstructured --only "B5 " --out "$RESULTS/ablation-refit-u.json" ;;
+        ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;
         *) echo "unknown step $step" >&2 ;;

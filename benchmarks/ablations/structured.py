@@ -9,7 +9,7 @@ Fisher's labels have their own table (`damping.py`).
 """
 
 CK12 = {4: 0.9, 8: 0.8, 12: 0.7}
-D = {"shots": 12}  # defaults: output-side update and cost, per-parameter ranking, KV groups, align 64 at the end
+D = {"shots": 12}  # defaults: output-side update and cost, per-parameter ranking, KV groups, align 64 in every shot
 
 
 def v(label, config, ck=CK12):
