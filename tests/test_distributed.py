@@ -38,8 +38,9 @@ def _config(structure: str):
     from surgeon.methods.surgeon import SurgeonConfig
 
     # the empirical Fisher: sampled labels are drawn per rank, so they are another draw than one process's
-    sparsity = {} if structure == "2:4" else {"sparsity": 0.25}  # 2:4 also refits (rank 0 solves, broadcasts)
-    return SurgeonConfig(structure=structure, shots=SHOTS, seed=0, fisher="empirical", **sparsity)
+    # 2:4 also refits (rank 0 solves, broadcasts)
+    extra = {"refit": "admm"} if structure == "2:4" else {"sparsity": 0.25}
+    return SurgeonConfig(structure=structure, shots=SHOTS, seed=0, fisher="empirical", **extra)
 
 
 def _prune(structure: str) -> dict[str, torch.Tensor]:

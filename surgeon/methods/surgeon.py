@@ -103,10 +103,12 @@ class SurgeonConfig(MethodConfig):
     lowrank_masked: bool = option(False, "train the low-rank adapters through the sparsity mask (what they learn "
                                          "is what is kept)")
     lowrank_final: bool = option(False, "fit a low-rank update after the last shot too")
-    refit: str | None = option(None, "unstructured/N:M, after the last shot: 'admm' refits every linear on the mask the "
-                                     "shots chose to its dense outputs, block by block (ADMM's layer-wise least "
-                                     "squares; keeps a copy of the prunable weights), 'none' keeps the shots' weights; "
-                                     "default: admm for N:M, none otherwise")
+    # off by default: on SmolLM2 2:4 it refilled the mask worse on the calibration windows (34.61 vs 32.63) and on
+    # WikiText-2, and the same out of domain (benchmarks/results/ablation-refit.md)
+    refit: str = option("none", "unstructured/N:M, after the last shot: 'admm' refits every linear on the mask the "
+                                "shots chose to its dense outputs, block by block (ADMM's layer-wise least squares; "
+                                "keeps a copy of the prunable weights), 'none' keeps the shots' weights",
+                        choices=("none", "admm"))
     refit_iterations: int = option(50, "refit='admm': ADMM iterations per linear")
 
     def __post_init__(self) -> None:
@@ -143,13 +145,13 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"lowrank_holdout must be in [0, 1), got {self.lowrank_holdout}")
         if self.lowrank_eval_every < 1:
             raise ValueError(f"lowrank_eval_every must be >= 1, got {self.lowrank_eval_every}")
-        if self.refit not in (None, "none", "admm"):
-            raise ValueError(f"refit must be one of (None, 'none', 'admm'), got {self.refit!r}")
+        if self.refit not in ("none", "admm"):
+            raise ValueError(f"refit must be one of ('none', 'admm'), got {self.refit!r}")
         if self.refit_iterations < 1:
             raise ValueError(f"refit_iterations must be >= 1, got {self.refit_iterations}")
         if self.refit == "admm" and self.structure_kind == "structured":
             raise ValueError("refit='admm' refits an unstructured or N:M mask; structured pruning removes whole "
-                             "structures and compensates them in every shot (use refit=None)")
+                             "structures and compensates them in every shot (use refit='none')")
 
     @property
     def g_damping(self) -> float:
@@ -165,15 +167,6 @@ class SurgeonConfig(MethodConfig):
         if self.fisher is not None:
             return self.fisher
         return "sampled" if self.structure_kind == "structured" else "empirical"
-
-    @property
-    def refit_method(self) -> str:
-        """What fills the final unstructured/N:M mask: 'none' (the shots' K-FAC updates) or 'admm'."""
-        if self.structure_kind == "structured":
-            return "none"
-        if self.refit is not None:
-            return self.refit
-        return "admm" if self.structure_kind == "nm" else "none"
 
     @property
     def a_damping(self) -> float:
@@ -193,7 +186,6 @@ class KOBDConfig(SurgeonConfig):
     update: bool = option(False, "apply the correlated OBS update (off for K-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for K-OBD)")
     solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for K-OBD)")
-    refit: str | None = option("none", "final refit of the mask (none for K-OBD: the paper's baseline has no update)")
 
 
 @dataclass(frozen=True)
@@ -205,7 +197,6 @@ class LOBDConfig(SurgeonConfig):
     update: bool = option(False, "apply the correlated OBS update (off for L-OBD)")
     correlation: str = option("none", "unstructured/N:M update (none for L-OBD)")
     solver: str = option("obs", "unstructured/N:M update solver (closed-form OBS for L-OBD)")
-    refit: str | None = option("none", "final refit of the mask (none for L-OBD: the paper's baseline has no update)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +404,7 @@ def _dense_copies(ctx: Context, cfg: SurgeonConfig) -> tuple[dict[str, torch.Ten
     A resumed run finds the weights in its checkpoint (``_tensors``); the frozen model is not kept there.
     """
     weights = cfg.structure_kind != "structured" and (
-        (cfg.update and cfg.reference == "dense") or cfg.refit_method != "none")
+        (cfg.update and cfg.reference == "dense") or cfg.refit != "none")
     model = cfg.lowrank_rank > 0 and cfg.lowrank_target == "dense"
     if model and ctx.resume_state:
         raise ValueError("lowrank_target='dense' needs the model before pruning, which a resumed run no longer has; "
@@ -486,7 +477,7 @@ def run(ctx: Context) -> None:
         if ctx.checkpoint is not None:
             state = {"next_shot": shot + 1, "shots": ctx.report.shots, "params0": params0}
             ctx.checkpoint("shot", {**state, "_tensors": kept} if kept is not None else state)
-    if cfg.refit_method == "admm":
+    if cfg.refit == "admm":
         ctx.report.extra["refit"] = {"method": "admm", "iterations": cfg.refit_iterations,
                                      **refit_to_dense(ctx, dense, masks, iterations=cfg.refit_iterations)}
         ctx.log.info("refit to the dense outputs: summed relative output error %.4g -> %.4g",
