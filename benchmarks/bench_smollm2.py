@@ -220,7 +220,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> str:
 
 
 def markdown(out: dict[str, Any]) -> str:
-    lines = [f"# {out['benchmark']}", "", f"`{out['command']}`", "",
+    lines = [f"# {out['benchmark']}", ""]
+    lines += [f"**{title}:** {out[key]}\n" for key, title in (("historical_reason", "Historical"), ("note", "Note"))
+              if out.get(key)]
+    lines += [f"`{out['command']}`", "",
              f"{out['device']}, torch {out['versions']['torch']}, transformers {out['versions']['transformers']}, "
              f"surgeon {out['versions']['surgeon_git']}; {out['protocol']['calibration']}; eval {out['protocol']['eval']}; "
              f"deterministic: {out['deterministic']}; " + ("one run at a time (wall times its own)." if out["concurrent_jobs"] == 1
@@ -231,7 +234,8 @@ def markdown(out: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | |")
             continue
-        lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | {r['target']} | {r['achieved']} | "
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        lines.append(f"| {r['set']} | {label} | {r['structure']} | {r['target']} | {r['achieved']} | "
                      f"{r['calib_ppl']:.3f} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
