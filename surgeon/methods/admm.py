@@ -21,7 +21,8 @@ from ..sequential import Gram, LayerStep, for_each_layer, output_error, timed
 from .base import Context, register
 from .wanda import offload_flag
 
-__all__ = ["AdmmConfig", "Preconditioned", "admm_prune", "admm_update", "cubic_schedule", "refit_to_dense"]
+__all__ = ["AdmmConfig", "Preconditioned", "admm_nm_mask", "admm_prune", "admm_update", "cubic_schedule",
+           "refit_to_dense"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,17 @@ class Preconditioned:
         ``mask`` is a fixed keep-mask; otherwise ``select(|W'+U|, k)`` re-selects it at iterations
         k = 1..``gradual_iterations`` and the last one is kept afterwards.
         """
+        return self.iterate(weight, iterations, mask, select, gradual_iterations)[0]
+
+    def iterate(
+        self,
+        weight: torch.Tensor,
+        iterations: int,
+        mask: torch.Tensor | None = None,
+        select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        gradual_iterations: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`solve`, also returning the keep-mask it ended with (bool)."""
         w0p = weight.to(self.hh.dtype) * self.d[None, :]
         base = w0p @ self.hh  # Ĥ acts on columns; rows are independent (Ĥ is symmetric)
         W, U, Z = w0p.clone(), torch.zeros_like(w0p), w0p
@@ -104,7 +116,7 @@ class Preconditioned:
             Z = V * keep
             U = V - Z  # U + W' − Z
             W = (base + self.rho * (Z - U)) @ self.inv
-        return Z / self.d[None, :]
+        return Z / self.d[None, :], keep.bool()
 
 
 def _prepared(gram: torch.Tensor | Preconditioned, damp: float, rho: float) -> Preconditioned:
@@ -159,6 +171,37 @@ def admm_prune(
     scores = (w * pre.d[None, :]).abs() if mask_from == "wanda" else w.abs()
     keep = nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
     return pre.solve(weight, iterations, mask=keep)
+
+
+def admm_nm_mask(
+    weight: torch.Tensor,
+    gram: torch.Tensor | Preconditioned,
+    n: int,
+    m: int,
+    *,
+    keep: torch.Tensor | None = None,
+    iterations: int = 20,
+    gradual_iterations: int = 15,
+    rho: float = 1.0,
+    damp: float = 0.1,
+) -> torch.Tensor:
+    """The N:M keep-mask that gradual ADMM (:func:`admm_prune`) ends with, for another method to fill.
+
+    Entries outside ``keep`` (zeros an earlier step chose; at most ``m - n`` per group) are removed
+    first at every re-selection, so the mask extends them. Returns a bool mask, exactly N:M.
+    """
+    pre = _prepared(gram, damp, rho)
+    forced = None if keep is None else ~keep.to(weight.device, torch.bool)
+    if forced is not None and int(forced.view(forced.shape[0], -1, m).sum(-1).max()) > m - n:
+        raise ValueError(f"keep removes more than {m - n} of some group of {m}: no {n}:{m} mask extends it")
+    sparsity = 1.0 - n / m
+
+    def select(scores: torch.Tensor, k: int) -> torch.Tensor:
+        if forced is not None:
+            scores = scores.masked_fill(forced, -1.0)  # below every |W' + U|
+        return capped_row_mask(scores, cubic_schedule(sparsity, k, gradual_iterations), n, m)
+
+    return pre.iterate(weight, iterations, select=select, gradual_iterations=gradual_iterations)[1]
 
 
 @register(AdmmConfig)

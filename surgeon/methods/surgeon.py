@@ -25,7 +25,7 @@ from ..obs import masked as mobs
 from ..obs import structured as sobs
 from ..obs import unstructured as uobs
 from ..selection import select_count
-from .admm import refit_to_dense
+from .admm import admm_nm_mask, refit_to_dense
 from .base import Context, register
 
 __all__ = ["SurgeonConfig", "KOBDConfig", "LOBDConfig"]
@@ -103,6 +103,10 @@ class SurgeonConfig(MethodConfig):
     lowrank_masked: bool = option(False, "train the low-rank adapters through the sparsity mask (what they learn "
                                          "is what is kept)")
     lowrank_final: bool = option(False, "fit a low-rank update after the last shot too")
+    nm_final_mask: str = option("kfac", "N:M, last shot: what completes every group, 'kfac' (the K-FAC costs) or 'admm' "
+                                        "(gradual ADMM's selection on the layer's A: Wanda's scores re-selected from the "
+                                        "ADMM iterate; earlier shots' zeros stay); the update after it is the same",
+                                choices=("kfac", "admm"))
     # off by default: on SmolLM2 2:4 it refilled the mask worse on the calibration windows (34.61 vs 32.63) and on
     # WikiText-2, and the same out of domain (benchmarks/results/ablation-refit.md)
     refit: str = option("none", "unstructured/N:M, after the last shot: 'admm' refits every linear on the mask the "
@@ -145,6 +149,8 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"lowrank_holdout must be in [0, 1), got {self.lowrank_holdout}")
         if self.lowrank_eval_every < 1:
             raise ValueError(f"lowrank_eval_every must be >= 1, got {self.lowrank_eval_every}")
+        if self.nm_final_mask not in ("kfac", "admm"):
+            raise ValueError(f"nm_final_mask must be one of ('kfac', 'admm'), got {self.nm_final_mask!r}")
         if self.refit not in ("none", "admm"):
             raise ValueError(f"refit must be one of ('none', 'admm'), got {self.refit!r}")
         if self.refit_iterations < 1:
@@ -357,7 +363,13 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             costs.append(c.cpu() if cfg.offload_factors else c)
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
-        if nm and final:  # complete every group to exactly M - N removed
+        if nm and final and cfg.nm_final_mask == "admm":
+            removes = []
+            for name in names:
+                W = linears[name].weight.detach().float()
+                keep = masks[name].to(W.device)
+                removes.append(keep & ~admm_nm_mask(W, factors[name].A.to(W.device), n, m, keep=keep))
+        elif nm and final:  # complete every group to exactly M - N removed
             removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name].to(c.device)) for name, c in zip(names, costs)]
         else:
             if nm and cfg.nm_allocation == "layer":

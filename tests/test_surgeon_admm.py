@@ -1,4 +1,6 @@
-"""LLM Surgeon's final refit (``refit='admm'``): the shots' mask, refilled by layer-wise least squares."""
+"""ADMM's pieces inside LLM Surgeon: the final refit (``refit='admm'``: the shots' mask refilled by layer-wise
+least squares) and the final N:M mask (``nm_final_mask='admm'``: gradual ADMM's selection, filled by the K-FAC
+update)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from test_resume import Crash, CrashAfter
 import surgeon
 from surgeon.adapters import adapter_for
 from surgeon.checkpoint import TENSORS_FILE, Checkpointer
-from surgeon.methods.admm import Preconditioned
+from surgeon.curvature import estimate_kfac
+from surgeon.methods.admm import Preconditioned, admm_nm_mask, admm_prune
 from surgeon.methods.surgeon import SurgeonConfig
 
 FAST = {"correlation": "row", "shots": 2}
@@ -144,3 +147,63 @@ def test_a_checkpoint_without_the_dense_weights_is_refused(tmp_path, calib):
     with pytest.raises(ValueError, match="does not hold them"):
         surgeon.prune(ckpt.load_model(attn_implementation="eager"), cfg, calib, device="cpu", progress=False,
                       resume_state=state)
+
+
+def _spd_gram(rng, C):
+    X = rng.normal(size=(4 * C, C)) * rng.uniform(0.2, 3.0, size=C)
+    return torch.from_numpy(X.T @ X)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), R=st.integers(1, 4), groups=st.integers(1, 4))
+def test_admm_nm_mask_is_the_mask_gradual_admm_ends_with(seed, R, groups):
+    """Without earlier zeros it is the zero pattern of :func:`admm_prune` (gradual, 2:4): what ADMM keeps
+    is inside the mask, and the mask is exactly 2:4."""
+    rng = np.random.default_rng(seed)
+    C = 4 * groups
+    W, H = torch.from_numpy(rng.normal(size=(R, C))), _spd_gram(rng, C)
+    keep = admm_nm_mask(W, H, 2, 4)
+    assert keep.dtype == torch.bool and (keep.view(R, groups, 4).sum(-1) == 2).all()
+    pruned = admm_prune(W, H, 0.5, nm=(2, 4))
+    assert ((pruned != 0) <= keep).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), R=st.integers(1, 4), groups=st.integers(1, 4))
+def test_admm_nm_mask_extends_earlier_zeros(seed, R, groups):
+    rng = np.random.default_rng(seed)
+    C = 4 * groups
+    W, H = torch.from_numpy(rng.normal(size=(R, C))), _spd_gram(rng, C)
+    earlier = torch.ones(R, C, dtype=torch.bool)
+    for r in range(R):  # at most one earlier zero per group
+        for g in range(groups):
+            if rng.random() < 0.7:
+                earlier[r, 4 * g + int(rng.integers(4))] = False
+    keep = admm_nm_mask(W, H, 2, 4, keep=earlier)
+    assert (keep <= earlier).all() and (keep.view(R, groups, 4).sum(-1) == 2).all()
+    too_many = earlier.clone()
+    too_many[0, :3] = False
+    with pytest.raises(ValueError, match="no 2:4 mask extends it"):
+        admm_nm_mask(W, H, 2, 4, keep=too_many)
+
+
+def test_one_shot_with_the_admm_mask_uses_admm_s_mask_on_a(calib):
+    """In one shot the mask is gradual ADMM's on each linear's A (the K-FAC input factor of the model), and the
+    K-FAC update fills it; the default K-FAC mask is another one."""
+    cfg = SurgeonConfig(structure="2:4", shots=1, nm_final_mask="admm", correlation="row")
+    dense = make_llama()
+    linears = adapter_for(dense).linears()
+    factors = estimate_kfac(dense, linears, list(calib.split(4)), fisher="empirical", seed=0, gradients=False)
+    want = {n: admm_nm_mask(lin.weight.detach().float(), factors[n].A, 2, 4) for n, lin in linears.items()}
+    model = make_llama()
+    surgeon.prune(model, cfg, calib, device="cpu", progress=False)
+    plain = make_llama()
+    surgeon.prune(plain, SurgeonConfig(structure="2:4", shots=1, correlation="row"), calib, device="cpu",
+                  progress=False)
+    differs = False
+    for n, lin in adapter_for(model).linears().items():
+        assert ((lin.weight != 0) <= want[n]).all(), n
+        differs |= not torch.equal(adapter_for(plain).linears()[n].weight != 0, lin.weight != 0)
+    assert differs
+    with pytest.raises(ValueError, match="nm_final_mask"):
+        SurgeonConfig(structure="2:4", nm_final_mask="wanda")
