@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -81,20 +81,10 @@ class Preconditioned:
         inv = torch.cholesky_inverse(torch.linalg.cholesky(A))
         return cls(hh, d, inv, rho)
 
-    def solve(
-        self,
-        weight: torch.Tensor,
-        iterations: int,
-        mask: torch.Tensor | None = None,
-        select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-        gradual_iterations: int = 0,
-    ) -> torch.Tensor:
-        """Run ADMM from ``weight`` and return the de-preconditioned Z (exact zeros where the mask prunes).
-
-        ``mask`` is a fixed keep-mask; otherwise ``select(|W'+U|, k)`` re-selects it at iterations
-        k = 1..``gradual_iterations`` and the last one is kept afterwards.
-        """
-        return self.iterate(weight, iterations, mask, select, gradual_iterations)[0]
+    def solve(self, weight: torch.Tensor, iterations: int, **how: Any) -> torch.Tensor:
+        """Run ADMM from ``weight`` and return the de-preconditioned Z (exact zeros where the mask prunes);
+        ``how``: a fixed keep-``mask``, or ``select`` and ``gradual_iterations`` (:meth:`iterate`)."""
+        return self.iterate(weight, iterations, **how)[0]
 
     def iterate(
         self,
@@ -104,7 +94,9 @@ class Preconditioned:
         select: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         gradual_iterations: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`solve`, also returning the keep-mask it ended with (bool)."""
+        """Z and the keep-mask it ended with (bool). ``mask`` is a fixed keep-mask; otherwise
+        ``select(|W'+U|, k)`` re-selects it at iterations k = 1..``gradual_iterations`` and the last one is
+        kept afterwards."""
         w0p = weight.to(self.hh.dtype) * self.d[None, :]
         base = w0p @ self.hh  # Ĥ acts on columns; rows are independent (Ĥ is symmetric)
         W, U, Z = w0p.clone(), torch.zeros_like(w0p), w0p
