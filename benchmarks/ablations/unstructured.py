@@ -26,4 +26,8 @@ VARIANTS = [
     # the mask the shots chose, refilled by layer-wise least squares toward the dense outputs (the 2:4 default)
     v("C6 2:4 before: the shots' own weights, no refit (refit=none)", "2:4", {"refit": "none"}),
     v("B5 unstructured refitted to the dense outputs (refit=admm)", "unstructured", {"refit": "admm"}),
+    # the converse: ADMM's mask (gradual selection on each linear's A) in the last shot, the K-FAC update after it
+    v("C7 2:4 last shot completed by ADMM's mask (nm_final_mask=admm)", "2:4", {"nm_final_mask": "admm"}),
+    v("C8 2:4 one shot, ADMM's mask, the K-FAC update (nm_final_mask=admm, shots=1)", "2:4",
+      {"nm_final_mask": "admm", "shots": 1}),
 ]
