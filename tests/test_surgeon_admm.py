@@ -10,6 +10,7 @@ import torch
 from conftest import make_llama, make_opt
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_admm import _layer, masked_least_squares
 from test_resume import Crash, CrashAfter
 
 import surgeon
@@ -22,35 +23,16 @@ from surgeon.methods.surgeon import SurgeonConfig
 FAST = {"correlation": "row", "shots": 2}
 
 
-def _masked_lstsq(w0: np.ndarray, H: np.ndarray, keep: np.ndarray, damp: float) -> np.ndarray:
-    """Row by row, min (w − w₀)ᵀ H (w − w₀) with w zero off ``keep``, damped as the refit damps: in the
-    coordinates w' = w·d (d = sqrt(diag H)) H becomes D⁻¹HD⁻¹ + damp·mean(its diagonal)·I."""
-    d = np.sqrt(np.diag(H))
-    Hp = H / d[:, None] / d[None, :]
-    Hp = Hp + damp * np.mean(np.diag(Hp)) * np.eye(len(d))
-    out = np.zeros_like(w0)
-    for r in range(w0.shape[0]):
-        a = w0[r] * d
-        k, p = keep[r], ~keep[r]
-        x = np.zeros_like(a)
-        if k.any():
-            x[k] = a[k] + np.linalg.solve(Hp[np.ix_(k, k)], Hp[np.ix_(k, p)] @ a[p])
-        out[r] = x / d
-    return out
-
-
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), R=st.integers(1, 5), C=st.integers(2, 7))
 def test_fixed_mask_admm_reaches_the_damped_masked_least_squares(seed, R, C):
     """The solve the refit uses, against the normal equations of each row on its kept inputs."""
     rng = np.random.default_rng(seed)
-    X = rng.normal(size=(3 * C, C)) * rng.uniform(0.2, 3.0, size=C)
-    H = X.T @ X
-    w0 = rng.normal(size=(R, C))
+    w0, H = _layer(rng, R, C)
     keep = rng.random((R, C)) < 0.6
     pre = Preconditioned.from_gram(torch.from_numpy(H), damp=0.1, rho=1.0)
     got = pre.solve(torch.from_numpy(w0), 3000, mask=torch.from_numpy(keep)).numpy()
-    np.testing.assert_allclose(got, _masked_lstsq(w0, H, keep, 0.1), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(got, masked_least_squares(w0, H, keep, 0.1), atol=1e-6, rtol=1e-5)
     assert (got[~keep] == 0).all()
 
 
@@ -85,7 +67,7 @@ def test_refit_fills_the_shots_mask_with_the_least_squares_weights(calib, struct
         assert ((lin.weight != 0) <= (ref != 0)).all(), n
     w = adapter_for(model).linears()[name].weight.detach().double().numpy()
     keep = adapter_for(shots_only).linears()[name].weight.detach().numpy() != 0
-    np.testing.assert_allclose(w, _masked_lstsq(w_dense, H, keep, 0.1), atol=2e-5, rtol=1e-3)
+    np.testing.assert_allclose(w, masked_least_squares(w_dense, H, keep, 0.1), atol=2e-5, rtol=1e-3)
     rec = report.extra["refit"]
     assert rec["method"] == "admm" and rec["error_after"] < rec["error_before"]
 
@@ -149,11 +131,6 @@ def test_a_checkpoint_without_the_dense_weights_is_refused(tmp_path, calib):
                       resume_state=state)
 
 
-def _spd_gram(rng, C):
-    X = rng.normal(size=(4 * C, C)) * rng.uniform(0.2, 3.0, size=C)
-    return torch.from_numpy(X.T @ X)
-
-
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), R=st.integers(1, 4), groups=st.integers(1, 4))
 def test_admm_nm_mask_is_the_mask_gradual_admm_ends_with(seed, R, groups):
@@ -161,7 +138,7 @@ def test_admm_nm_mask_is_the_mask_gradual_admm_ends_with(seed, R, groups):
     is inside the mask, and the mask is exactly 2:4."""
     rng = np.random.default_rng(seed)
     C = 4 * groups
-    W, H = torch.from_numpy(rng.normal(size=(R, C))), _spd_gram(rng, C)
+    W, H = map(torch.from_numpy, _layer(rng, R, C))
     keep = admm_nm_mask(W, H, 2, 4)
     assert keep.dtype == torch.bool and (keep.view(R, groups, 4).sum(-1) == 2).all()
     pruned = admm_prune(W, H, 0.5, nm=(2, 4))
@@ -173,7 +150,7 @@ def test_admm_nm_mask_is_the_mask_gradual_admm_ends_with(seed, R, groups):
 def test_admm_nm_mask_extends_earlier_zeros(seed, R, groups):
     rng = np.random.default_rng(seed)
     C = 4 * groups
-    W, H = torch.from_numpy(rng.normal(size=(R, C))), _spd_gram(rng, C)
+    W, H = map(torch.from_numpy, _layer(rng, R, C))
     earlier = torch.ones(R, C, dtype=torch.bool)
     for r in range(R):  # at most one earlier zero per group
         for g in range(groups):
