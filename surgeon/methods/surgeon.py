@@ -139,7 +139,8 @@ class SurgeonConfig(MethodConfig):
         self._check_update_options()
 
     def _check_update_options(self) -> None:
-        checks = {"solver": ("obs", "cg"), "reference": ("current", "dense"), "lowrank_target": ("labels", "dense")}
+        checks = {"solver": ("obs", "cg"), "reference": ("current", "dense"), "lowrank_target": ("labels", "dense"),
+                  "nm_final_mask": ("kfac", "admm"), "refit": ("none", "admm")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -149,10 +150,6 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"lowrank_holdout must be in [0, 1), got {self.lowrank_holdout}")
         if self.lowrank_eval_every < 1:
             raise ValueError(f"lowrank_eval_every must be >= 1, got {self.lowrank_eval_every}")
-        if self.nm_final_mask not in ("kfac", "admm"):
-            raise ValueError(f"nm_final_mask must be one of ('kfac', 'admm'), got {self.nm_final_mask!r}")
-        if self.refit not in ("none", "admm"):
-            raise ValueError(f"refit must be one of ('none', 'admm'), got {self.refit!r}")
         if self.refit_iterations < 1:
             raise ValueError(f"refit_iterations must be >= 1, got {self.refit_iterations}")
         if self.refit == "admm" and self.structure_kind == "structured":
@@ -351,10 +348,11 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         factors = _factors(ctx, names, shot)
     nm = cfg.structure_kind == "nm"
     n, m = cfg.nm if nm else (0, 0)
+    admm_mask = nm and final and cfg.nm_final_mask == "admm"  # ADMM's selection completes the groups, not costs
     inv = _Inverses(factors, cfg)
     with ctx.phase("costs"):
         costs = []
-        for name in names:
+        for name in ([] if admm_mask else names):
             W = linears[name].weight.detach().float()
             c = uobs.weight_costs(W, inv.G(name, W.device).diagonal(), inv.A(name, W.device).diagonal())
             c = uobs.masked_costs(c, masks[name])
@@ -363,7 +361,7 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             costs.append(c.cpu() if cfg.offload_factors else c)
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
-        if nm and final and cfg.nm_final_mask == "admm":
+        if admm_mask:
             removes = []
             for name in names:
                 W = linears[name].weight.detach().float()
@@ -428,8 +426,8 @@ def _dense_copies(ctx: Context, cfg: SurgeonConfig) -> tuple[dict[str, torch.Ten
         if dense is None:
             raise ValueError("reference='dense' and refit='admm' need the weights before pruning, and this checkpoint "
                              "does not hold them; run from the start")
-        dense = {name: t.to(where or lin.weight.device) for name, t in dense.items()
-                 for lin in [ctx.adapter.linears()[name]]}
+        linears = ctx.adapter.linears()
+        dense = {name: t.to(where or linears[name].weight.device) for name, t in dense.items()}
     elif weights:
         dense = {name: lin.weight.detach().to(where or lin.weight.device, copy=True)
                  for name, lin in ctx.adapter.linears().items()}
