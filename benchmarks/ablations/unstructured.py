@@ -30,4 +30,15 @@ VARIANTS = [
     v("C7 2:4 last shot completed by ADMM's mask (nm_final_mask=admm)", "2:4", {"nm_final_mask": "admm"}),
     v("C8 2:4 one shot, ADMM's mask, the K-FAC update (nm_final_mask=admm, shots=1)", "2:4",
       {"nm_final_mask": "admm", "shots": 1}),
+    # what else the ADMM-mask shots can take: labels from the model, and low-rank fits to the dense model's
+    # predictions through the mask (held-out windows pick the step), with and without ADMM's mask
+    v("C9 2:4 ADMM's last-shot mask, sampled Fisher (nm_final_mask=admm, fisher=sampled)", "2:4",
+      {"nm_final_mask": "admm", "fisher": "sampled"}),
+    v("C10 2:4 ADMM's last-shot mask + low-rank fits distilled from the dense model, through the mask, held-out "
+      "step choice, one after the last shot too", "2:4",
+      {"nm_final_mask": "admm", "lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True,
+       "lowrank_holdout": 0.1, "lowrank_final": True}),
+    v("C11 2:4 K-FAC mask + the same low-rank fits", "2:4",
+      {"lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True, "lowrank_holdout": 0.1,
+       "lowrank_final": True}),
 ]
