@@ -17,8 +17,9 @@ import surgeon
 from surgeon.adapters import adapter_for
 from surgeon.checkpoint import TENSORS_FILE, Checkpointer
 from surgeon.curvature import estimate_kfac
+from surgeon.masks import prune_count
 from surgeon.methods.admm import Preconditioned, admm_nm_mask, admm_prune
-from surgeon.methods.surgeon import SurgeonConfig
+from surgeon.methods.surgeon import KOBDConfig, SurgeonConfig
 
 FAST = {"correlation": "row", "shots": 2}
 
@@ -166,8 +167,9 @@ def test_admm_nm_mask_extends_earlier_zeros(seed, R, groups):
 
 def test_one_shot_with_the_admm_mask_uses_admm_s_mask_on_a(calib):
     """In one shot the mask is gradual ADMM's on each linear's A (the K-FAC input factor of the model), and the
-    K-FAC update fills it; the default K-FAC mask is another one."""
-    cfg = SurgeonConfig(structure="2:4", shots=1, nm_final_mask="admm", correlation="row")
+    K-FAC update fills it (the N:M default); the K-FAC costs' mask is another one."""
+    cfg = SurgeonConfig(structure="2:4", shots=1, correlation="row")
+    assert cfg.nm_final_mask == "admm"
     dense = make_llama()
     linears = adapter_for(dense).linears()
     factors = estimate_kfac(dense, linears, list(calib.split(4)), fisher="empirical", seed=0, gradients=False)
@@ -175,8 +177,8 @@ def test_one_shot_with_the_admm_mask_uses_admm_s_mask_on_a(calib):
     model = make_llama()
     surgeon.prune(model, cfg, calib, device="cpu", progress=False)
     plain = make_llama()
-    surgeon.prune(plain, SurgeonConfig(structure="2:4", shots=1, correlation="row"), calib, device="cpu",
-                  progress=False)
+    surgeon.prune(plain, SurgeonConfig(structure="2:4", shots=1, correlation="row", nm_final_mask="kfac"), calib,
+                  device="cpu", progress=False)
     differs = False
     for n, lin in adapter_for(model).linears().items():
         assert ((lin.weight != 0) <= want[n]).all(), n
@@ -184,3 +186,57 @@ def test_one_shot_with_the_admm_mask_uses_admm_s_mask_on_a(calib):
     assert differs
     with pytest.raises(ValueError, match="nm_final_mask"):
         SurgeonConfig(structure="2:4", nm_final_mask="wanda")
+
+
+def test_k_obd_completes_groups_by_its_costs(calib):
+    """The paper's baselines keep their own mask: K-OBD's last shot completes every group by the K-FAC costs,
+    so it equals LLM Surgeon with nm_final_mask='kfac' and no update."""
+    assert KOBDConfig(structure="2:4").nm_final_mask == "kfac"
+    a, b = make_llama(), make_llama()
+    surgeon.prune(a, KOBDConfig(structure="2:4", shots=1), calib, device="cpu", progress=False)
+    surgeon.prune(b, SurgeonConfig(structure="2:4", shots=1, update=False, correlation="none", solver="obs",
+                                   nm_final_mask="kfac"), calib, device="cpu", progress=False)
+    for (n, la), lb in zip(adapter_for(a).linears().items(), adapter_for(b).linears().values()):
+        assert torch.equal(la.weight, lb.weight), n
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), R=st.integers(1, 5), groups=st.integers(1, 4), frac=st.floats(0.0, 1.0))
+def test_admm_nm_mask_steps_toward_the_pattern(seed, R, groups, frac):
+    """A share below 1 - N/M removes that share of every row, never more than M - N of a group, and it
+    extends earlier zeros that fit under it; the full share is the N:M mask itself."""
+    rng = np.random.default_rng(seed)
+    C = 4 * groups
+    W, H = map(torch.from_numpy, _layer(rng, R, C))
+    share = 0.5 * frac
+    keep = admm_nm_mask(W, H, 2, 4, sparsity=share)
+    removed = ~keep
+    assert (removed.sum(1) == prune_count(share, C)).all()
+    assert (removed.view(R, groups, 4).sum(-1) <= 2).all()
+    assert torch.equal(admm_nm_mask(W, H, 2, 4, sparsity=0.5), admm_nm_mask(W, H, 2, 4))
+    later = admm_nm_mask(W, H, 2, 4, keep=keep, sparsity=max(share, 0.25))
+    assert (later <= keep).all() and (~later).sum(1).eq(max(prune_count(share, C), prune_count(0.25, C))).all()
+    with pytest.raises(ValueError, match="at most 0.5"):
+        admm_nm_mask(W, H, 2, 4, sparsity=0.6)
+
+
+def test_every_shot_chooses_by_admm(calib):
+    """nm_admm_shots=shots: every shot removes its share of every row by ADMM's selection, the earlier zeros
+    stay, the last shot ends exactly 2:4; a mask unlike the one where only the last shot uses ADMM."""
+    seen = []
+    model = make_llama()
+    surgeon.prune(model, SurgeonConfig(structure="2:4", shots=2, nm_admm_shots=2, correlation="row"), calib,
+                  device="cpu", progress=False,
+                  on_shot=lambda rec: seen.append({n: (lin.weight != 0).clone()
+                                                   for n, lin in adapter_for(model).linears().items()}))
+    first, last = seen
+    for n, keep in first.items():
+        rows = keep.shape[1]
+        assert ((~keep).sum(1) >= prune_count(0.25, rows)).all(), n  # dequantised zeros may add to it
+        assert (last[n] <= keep).all(), n
+        assert (last[n].view(keep.shape[0], -1, 4).sum(-1) == 2).all(), n
+    one = make_llama()
+    surgeon.prune(one, SurgeonConfig(structure="2:4", shots=2, correlation="row"), calib, device="cpu", progress=False)
+    assert any(not torch.equal(lin.weight != 0, last[n]) for n, lin in adapter_for(one).linears().items())
+    with pytest.raises(ValueError, match="nm_admm_shots"):
+        SurgeonConfig(structure="2:4", nm_admm_shots=0)

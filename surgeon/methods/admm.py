@@ -176,17 +176,24 @@ def admm_nm_mask(
     gradual_iterations: int = 15,
     rho: float = 1.0,
     damp: float = 0.1,
+    sparsity: float | None = None,
 ) -> torch.Tensor:
     """The N:M keep-mask that gradual ADMM (:func:`admm_prune`) ends with, for another method to fill.
 
     Entries outside ``keep`` (zeros an earlier step chose; at most ``m - n`` per group) are removed
-    first at every re-selection, so the mask extends them. Returns a bool mask, exactly N:M.
+    first at every re-selection, so the mask extends them. Returns a bool mask, exactly N:M; with
+    ``sparsity`` below ``1 - n/m``, a step toward it: that share of every row removed, at most ``m - n``
+    of any group (a row whose earlier zeros exceed the share keeps fewer; the caller keeps them removed).
     """
     pre = _prepared(gram, damp, rho)
     forced = None if keep is None else ~keep.to(weight.device, torch.bool)
     if forced is not None and int(forced.view(forced.shape[0], -1, m).sum(-1).max()) > m - n:
         raise ValueError(f"keep removes more than {m - n} of some group of {m}: no {n}:{m} mask extends it")
-    sparsity = 1.0 - n / m
+    full = 1.0 - n / m
+    if sparsity is None:
+        sparsity = full
+    elif not 0.0 <= sparsity <= full + 1e-12:
+        raise ValueError(f"an {n}:{m} mask removes at most {full:g} of a row, got sparsity {sparsity}")
 
     def select(scores: torch.Tensor, k: int) -> torch.Tensor:
         if forced is not None:
