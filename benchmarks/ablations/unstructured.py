@@ -24,7 +24,7 @@ VARIANTS = [
     v("C5 2:4 damping of G 1.0 (better on held-out windows on the CPU)", "2:4", {"damp_g": 1.0}),
     v("B4 unstructured sampled Fisher", "unstructured", {"fisher": "sampled"}),
     # the mask the shots chose, refilled by layer-wise least squares toward the dense outputs (the 2:4 default)
-    v("C6 2:4 before: the shots' own weights, no refit (refit=none)", "2:4", {"refit": "none"}),
+    v("C6 2:4 before: the shots' own weights, no refit (refit=none)", "2:4", {"refit": "none", "nm_final_mask": "kfac"}),
     v("B5 unstructured refitted to the dense outputs (refit=admm)", "unstructured", {"refit": "admm"}),
     # the converse: ADMM's mask (gradual selection on each linear's A) in the last shot, the K-FAC update after it
     v("C7 2:4 last shot completed by ADMM's mask (nm_final_mask=admm)", "2:4", {"nm_final_mask": "admm"}),
@@ -41,4 +41,8 @@ VARIANTS = [
     v("C11 2:4 K-FAC mask + the same low-rank fits", "2:4",
       {"lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True, "lowrank_holdout": 0.1,
        "lowrank_final": True}),
+    # between the two ends C7 (ADMM chooses the last shot's removals) and C8 (one shot): ADMM's selection in the
+    # last k shots, the curvature re-estimated and the K-FAC update applied after each
+    v("C12 2:4 ADMM's selection in every shot (nm_admm_shots=8)", "2:4", {"nm_admm_shots": 8}),
+    v("C13 2:4 ADMM's selection in the last four shots (nm_admm_shots=4)", "2:4", {"nm_admm_shots": 4}),
 ]
