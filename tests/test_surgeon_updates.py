@@ -14,7 +14,7 @@ import surgeon
 from surgeon.adapters import adapter_for
 from surgeon.curvature import KFactors
 from surgeon.linalg import damped
-from surgeon.lowrank import dense_teacher, holdout_count, lowrank_update
+from surgeon.lowrank import dense_teacher, holdout_count, kl_to, lowrank_update
 from surgeon.methods.base import Context
 from surgeon.methods.surgeon import SurgeonConfig, _Inverses, _update_weights
 from surgeon.obs.masked import masked_optimum, quadratic_loss
@@ -187,3 +187,24 @@ def test_row_and_none_correlation_use_the_obs_closed_forms_whatever_the_solver()
             assert sol is None
             outs.append(W)
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 3), t=st.integers(1, 5), v=st.integers(2, 9))
+def test_windowed_kl_equals_the_dense_one(seed, b, t, v):
+    """The distillation loss, one window at a time with the softmaxes recomputed in the backward pass, has
+    the value and the gradient of KL(p_teacher ‖ p) averaged over every token at once."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    logits = (torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    got = kl_to(teacher, logits)
+    s = torch.log_softmax(ref_logits, -1).reshape(-1, v)
+    p = torch.softmax(teacher, -1).reshape(-1, v)
+    want = (p * (p.log() - s)).sum() / (b * t)
+    got.backward()
+    want.backward()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="differ"):
+        kl_to(teacher[..., :-1], logits)
