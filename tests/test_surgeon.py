@@ -177,18 +177,19 @@ def test_select_budget_with_exclusions_and_per_array_guards(raw, weights, budget
     assert [g.tolist() for g in got] == _reference_budget(costs, weights, budget, keeps, exclude)
 
 
-@pytest.mark.parametrize("allocation", ["layer", "global"])
+@pytest.mark.parametrize("allocation", ["layer", "row", "global"])
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 def test_nm_allocation_paces_shots_and_ends_on_the_exact_pattern(allocation, nm, calib):
-    """'layer' removes the same share of every linear's final quota per shot; 'global' lets one
-    threshold choose; both end on the exact N:M pattern."""
+    """'layer' removes the same share of every linear's final quota per shot, 'row' of every row's;
+    'global' lets one threshold choose; each ends on the exact N:M pattern."""
     n, m = nm
     model = make_llama(seed=2)
-    seen = []
+    seen, rows = [], []
 
     def after(rec):
         if rec["shot"] == 1:
             seen.append({k: int((lin.weight == 0).sum()) for k, lin in adapter_for(model).linears().items()})
+            rows.append({k: (lin.weight == 0).sum(1) for k, lin in adapter_for(model).linears().items()})
 
     cfg = SurgeonConfig(structure=f"{n}:{m}", shots=4, nm_allocation=allocation)
     surgeon.prune(model, cfg, calib, device="cpu", progress=False, on_shot=after)
@@ -199,6 +200,9 @@ def test_nm_allocation_paces_shots_and_ends_on_the_exact_pattern(allocation, nm,
     if allocation == "layer":
         for name, lin in linears.items():
             assert seen[0][name] == lin.weight.numel() * (m - n) // m // 4, name
+    elif allocation == "row":
+        for name, lin in linears.items():
+            assert (rows[0][name] == lin.weight.shape[1] * (m - n) // m // 4).all(), name
     else:
         total = sum(lin.weight.numel() for lin in linears.values())
         assert sum(seen[0].values()) == int(total * (m - n) / m / 4)
@@ -207,3 +211,35 @@ def test_nm_allocation_paces_shots_and_ends_on_the_exact_pattern(allocation, nm,
 def test_nm_allocation_is_checked():
     with pytest.raises(ValueError, match="nm_allocation"):
         SurgeonConfig(structure="2:4", nm_allocation="per-row")
+
+
+def test_row_allocation_removes_each_row_s_cheapest_candidates(calib):
+    """One 'row' shot before the last removes, in every row, the k cheapest weights of the costs that keep
+    the N:M pattern reachable (an explicit per-row sort of those costs), and no other."""
+    from surgeon.curvature import equalize_norms, estimate_kfac
+    from surgeon.linalg import damped_inverse
+    from surgeon.obs import unstructured as uobs
+
+    cfg = SurgeonConfig(structure="2:4", shots=2, nm_allocation="row", update=False)
+    ref = make_llama(seed=3)
+    linears = adapter_for(ref).linears()
+    factors = estimate_kfac(ref, linears, list(calib.split(4)),
+                            fisher="empirical", seed=cfg.seed)
+    equalize_norms(factors)
+    want = {}
+    for name, lin in linears.items():
+        W = lin.weight.detach().float()
+        c = uobs.weight_costs(W, damped_inverse(factors[name].G, cfg.g_damping).diagonal(),
+                              damped_inverse(factors[name].A, cfg.a_damping).diagonal())
+        keep = torch.ones_like(W, dtype=torch.bool)
+        c = uobs.nm_candidates(uobs.masked_costs(c, keep), keep, 2, 4).numpy()
+        k = W.shape[1] // 4
+        want[name] = [set(np.argsort(row, kind="stable")[:k].tolist()) for row in c]
+    model = make_llama(seed=3)
+    got = []
+    surgeon.prune(model, cfg, calib, device="cpu", progress=False, batch_size=4,
+                  on_shot=lambda rec: got.append({n: (l.weight == 0) for n, l in adapter_for(model).linears().items()})
+                  if rec["shot"] == 1 else None)
+    for name in linears:
+        for r, cols in enumerate(want[name]):
+            assert set(got[0][name][r].nonzero().flatten().tolist()) == cols, (name, r)

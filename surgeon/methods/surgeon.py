@@ -58,7 +58,9 @@ class SurgeonConfig(MethodConfig):
     lowrank_steps: int = option(20, "optimizer steps of each low-rank update")
     lowrank_lr: float = option(1e-4, "learning rate of the low-rank update (Adam)")
     nm_allocation: str = option("layer", "N:M shots before the last: 'layer' moves every linear toward its pattern at "
-                                         "the same pace; 'global' lets one threshold across layers choose")
+                                         "the same pace; 'row' every row of it (the last shot then removes a shot's "
+                                         "share of each row, not all of a dear row at once); 'global' lets one "
+                                         "threshold across layers choose")
     align: int = option(64, "structured: keep each layer's MLP width a multiple of this (multiples of 64 keep bf16 "
                             "GPU matrix kernels on their fast paths; small layers use a smaller power-of-two share of "
                             "it; 1 = exact size)")
@@ -126,7 +128,7 @@ class SurgeonConfig(MethodConfig):
             raise ValueError(f"shots must be >= 1, got {self.shots}")
         checks = {"schedule": ("linear", "cubic", "exponential"), "fisher": (None, "empirical", "sampled"),
                   "curvature": ("kfac", "activations"), "correlation": ("full", "row", "none"),
-                  "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "global"),
+                  "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "row", "global"),
                   "align_when": ("end", "shot"), "structured_update": ("all", "output"),
                   "structured_cost": ("sum", "output"), "structured_rank": ("cost", "per_param"),
                   "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform"), "damp_mode": ("mean", "diagonal")}
@@ -384,19 +386,27 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
         elif nm and final:  # complete every group to exactly M - N removed
             removes = [~uobs.nm_select(c, n, m, keep_mask=masks[name].to(c.device)) for name, c in zip(names, costs)]
         else:
-            if nm and cfg.nm_allocation == "layer":
-                # each linear's share of its final M - N per group; a global threshold lets cheap layers
-                # reach the pattern early and leaves the others to the last shot, in one large step
-                frac = target_sparsity / cfg.sparsity
-                picked = [select_count([c], int(frac * (c.numel() * (m - n) // m)))[0] for c in costs]
+            frac = target_sparsity / cfg.sparsity
+            if nm and cfg.nm_allocation == "row":
+                # every row's share: earlier zeros rank first (-inf), weights the pattern forbids last (+inf)
+                removes = []
+                for c in costs:
+                    k = int(frac * (c.shape[1] * (m - n) // m))
+                    rm = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
+                    removes.append(rm.scatter_(1, c.argsort(dim=1)[:, :k], True))
             else:
-                k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
-                picked = select_count(costs, k)
-            removes = []
-            for c, pos in zip(costs, picked):
-                mask = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
-                mask[pos.to(c.device)] = True
-                removes.append(mask.view_as(c))
+                if nm and cfg.nm_allocation == "layer":
+                    # each linear's share of its final M - N per group; a global threshold lets cheap layers
+                    # reach the pattern early and leaves the others to the last shot, in one large step
+                    picked = [select_count([c], int(frac * (c.numel() * (m - n) // m)))[0] for c in costs]
+                else:
+                    k = int(_backend.cumulative_counts(total, target_sparsity, 1, "linear")[-1])
+                    picked = select_count(costs, k)
+                removes = []
+                for c, pos in zip(costs, picked):
+                    mask = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
+                    mask[pos.to(c.device)] = True
+                    removes.append(mask.view_as(c))
     est = 0.0
     solves = []
     with ctx.phase("update"):
