@@ -45,4 +45,7 @@ VARIANTS = [
     # last k shots, the curvature re-estimated and the K-FAC update applied after each
     v("C12 2:4 ADMM's selection in every shot (nm_admm_shots=8)", "2:4", {"nm_admm_shots": 8}),
     v("C13 2:4 ADMM's selection in the last four shots (nm_admm_shots=4)", "2:4", {"nm_admm_shots": 4}),
+    # the shots before the last paced per row, not per linear (benchmarks/results/nm-pacing.md: with 'layer' some
+    # rows lose most of their share in the last shot)
+    v("C14 2:4 every row paced toward its pattern (nm_allocation=row)", "2:4", {"nm_allocation": "row"}),
 ]
