@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["capped_row_mask", "matrix_mask", "nm_mask", "prune_count", "row_mask"]
+__all__ = ["capped_row_mask", "matrix_mask", "nm_mask", "prune_count", "row_count_mask", "row_mask"]
 
 
 def prune_count(sparsity: float, n: int) -> int:
@@ -43,11 +43,16 @@ def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _keep_top(scores.reshape(-1), scores.numel() - k).reshape(scores.shape)
 
 
-def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``prune_count(sparsity, cols)`` lowest scores of every row (last dim)."""
+def row_count_mask(scores: torch.Tensor, prune: int) -> torch.Tensor:
+    """Prune the ``prune`` lowest scores of every row (last dim); ``prune`` is clipped to [0, cols]."""
     _check(scores)
     cols = scores.shape[-1]
-    return _keep_top(scores, cols - prune_count(sparsity, cols))
+    return _keep_top(scores, cols - min(max(int(prune), 0), cols))
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the ``prune_count(sparsity, cols)`` lowest scores of every row (last dim)."""
+    return row_count_mask(scores, prune_count(sparsity, scores.shape[-1]))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import surgeon
 from surgeon.adapters import adapter_for
-from surgeon.masks import capped_row_mask, matrix_mask, nm_mask, prune_count, row_mask
+from surgeon.masks import capped_row_mask, matrix_mask, nm_mask, prune_count, row_count_mask, row_mask
 from surgeon.methods.admm import AdmmConfig
 from surgeon.methods.magnitude import MagnitudeConfig, structure_scores, structured_plan
 from surgeon.methods.sparsegpt import SparseGPTConfig, block_prune_counts, sparsegpt_prune
@@ -63,6 +63,19 @@ def test_magnitude_masks_match_numpy(shape, sparsity):
     np.testing.assert_array_equal(row_mask(t, sparsity).numpy(), ref_row_mask(a, sparsity))
     np.testing.assert_array_equal(nm_mask(t, 2, 4).numpy(), ref_nm_mask(a, 2, 4))
     assert int((~matrix_mask(t, sparsity)).sum()) == prune_count(sparsity, w.size)
+
+
+@given(scores_st, st.integers(-2, 14), st.booleans())
+def test_row_count_mask_prunes_a_count_of_every_row(shape, prune, infinite):
+    rows, cols, seed, ties = shape
+    s = _scores(rows, cols, seed, ties)
+    if infinite:  # the N:M shots rank earlier zeros at -inf and forbidden weights at +inf
+        s[:, 0], s[:, -1] = -np.inf, np.inf
+    k = min(max(prune, 0), cols)
+    keep = row_count_mask(torch.from_numpy(s), prune).numpy()
+    np.testing.assert_array_equal(keep, np.stack([ref_keep_top(r, cols - k) for r in s]))
+    if 0 < k < cols:  # agrees with the sparsity form wherever the rounding lands on the count
+        np.testing.assert_array_equal(keep, row_mask(torch.from_numpy(s), k / cols).numpy())
 
 
 @given(scores_st, st.sampled_from([(1, 4), (2, 4), (3, 4), (2, 8)]))

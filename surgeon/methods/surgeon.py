@@ -20,6 +20,7 @@ from ..config import MethodConfig, option
 from ..curvature import KFactors, cast_factors, equalize_norms, estimate_kfac
 from ..linalg import damped, damped_inverse
 from ..lowrank import dense_teacher, lowrank_update
+from ..masks import row_count_mask
 from ..memory import activation_checkpointing
 from ..obs import masked as mobs
 from ..obs import structured as sobs
@@ -376,7 +377,7 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
     total = sum(c.numel() for c in costs)
     with ctx.phase("threshold"):
         if admm_mask:
-            share = None if final else target_sparsity / cfg.sparsity * (1.0 - n / m)  # of every row, this shot
+            share = None if final else target_sparsity  # of every row, this shot (N:M fixes cfg.sparsity = 1 - N/M)
             removes = []
             for name in names:
                 W = linears[name].weight.detach().float()
@@ -389,11 +390,7 @@ def _shot_unstructured(ctx: Context, shot: int, target_sparsity: float, final: b
             frac = target_sparsity / cfg.sparsity
             if nm and cfg.nm_allocation == "row":
                 # every row's share: earlier zeros rank first (-inf), weights the pattern forbids last (+inf)
-                removes = []
-                for c in costs:
-                    k = int(frac * (c.shape[1] * (m - n) // m))
-                    rm = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
-                    removes.append(rm.scatter_(1, c.argsort(dim=1)[:, :k], True))
+                removes = [~row_count_mask(c, int(frac * (c.shape[1] * (m - n) // m))) for c in costs]
             else:
                 if nm and cfg.nm_allocation == "layer":
                     # each linear's share of its final M - N per group; a global threshold lets cheap layers
