@@ -48,4 +48,7 @@ VARIANTS = [
     # the shots before the last paced per row, not per linear (benchmarks/results/nm-pacing.md: with 'layer' some
     # rows lose most of their share in the last shot)
     v("C14 2:4 every row paced toward its pattern (nm_allocation=row)", "2:4", {"nm_allocation": "row"}),
+    # less of the calibration domain in the update: labels from the model (C4, now on the default's ADMM last-shot
+    # mask) together with the damped A of C3 (better out of domain at 3d91d89)
+    v("C15 2:4 sampled Fisher, damping of A 0.1", "2:4", {"fisher": "sampled", "damp_a": 0.1}),
 ]
