@@ -1,6 +1,7 @@
 """Small, deterministic CPU runs on SmolLM2 that decide what the GPU sweep should measure.
 
     python benchmarks/bench_directions.py 32 256 '[{"label": "x", "config": {"structure": "structured", "sparsity": 0.1, "shots": 4}}]'
+    python benchmarks/bench_directions.py --render   # benchmarks/results/directions-cpu.md from its JSON
 
 Arguments: calibration windows, their length, and a JSON list of variants (``label``, ``method``
 (default llm-surgeon; ``dense`` for the unpruned model), ``config``: fields of the method's config). The
@@ -8,7 +9,8 @@ calibration is ``N + 8`` seeded windows of the WikiText-2 validation split; the 
 pruning and give ``held`` (the perplexity settings are chosen on); ``ppl`` and ``ood`` are the first 12
 windows of 512 tokens of the WikiText-2 test split and of the pydoc text. One JSON line per variant on
 stdout. A CPU is deterministic, so differences between variants are real at this size; whether they
-hold at the full protocol is for the GPU to show.
+hold at the full protocol is for the GPU to show. Rows kept in ``directions-cpu.json`` carry their own
+``versions`` (each ran at its own commit); ``--render`` writes the table with that commit beside each row.
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ from surgeon.methods import METHODS  # noqa: E402
 from surgeon.models import load_gguf  # noqa: E402
 
 HELD, EVAL_WINDOWS, EVAL_SEQLEN = 8, 12, 512
+RESULTS = HERE / "results" / "directions-cpu.json"
+COLUMNS = ("calibration", "label", "held", "ppl", "ood", "s", "commit", "historical")
+
+
+def render(path: Path = RESULTS) -> str:
+    """The markdown table of a directions JSON: one row per variant, its commit from the row's own
+    ``versions`` (else the file's); a row's ``historical_reason`` stays in the JSON, where the note explains it."""
+    import table
+
+    d = json.loads(path.read_text())
+    rows = [{**{k: x for k, x in r.items() if k != "historical_reason"},
+             "commit": (r.get("versions") or d["versions"])["surgeon_git"]} for r in d["rows"]]
+    return table.render({**d, "rows": rows}, columns=COLUMNS)
 
 
 def main(argv: list[str]) -> None:
@@ -60,4 +75,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--render"]:
+        RESULTS.with_suffix(".md").write_text(render())
+    else:
+        main(sys.argv[1:])
