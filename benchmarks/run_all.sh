@@ -26,7 +26,7 @@
 #                        which this model's runs do not share well)
 #   ablate-admm-shots    rows C12-C14: ADMM's selection in the last 8 / 4 shots, rows paced one by one
 #                        (ablation-admm-shots.json)
-#   ablate-24c           rows C4, C5, C15 one at a time: what ties the 2:4 default to the calibration domain
+#   ablate-24c           rows C4, C5, C15, C16 one at a time: what ties the 2:4 default to the calibration domain
 #                        (labels from the model, damping; ablation-24c.json; C4 is C9's configuration now that
 #                        ADMM's last-shot mask is the default)
 #   ablate-distil-24     row C10 alone: the 2:4 default with low-rank fits distilled from the dense model
@@ -77,7 +77,7 @@ for step in "${steps[@]}"; do
         ablate-mask)         $bench --set unstructured --only "C7 ,C8 " --out "$RESULTS/ablation-mask.json" ;;
         ablate-24b)          $bench --set unstructured --only "C9 ,C10 ,C11 " --out "$RESULTS/ablation-24b.json" ;;
         ablate-admm-shots)   $bench --set unstructured --only "C12 ,C13 ,C14 " --out "$RESULTS/ablation-admm-shots.json" ;;
-        ablate-24c)          $bench --set unstructured --only "C4 ,C5 ,C15 " --out "$RESULTS/ablation-24c.json" ;;
+        ablate-24c)          $bench --set unstructured --only "C5 ,C4 ,C16 ,C15 " --out "$RESULTS/ablation-24c.json" ;;
         ablate-distil-24)    $bench --set unstructured --only "C10 " --out "$RESULTS/ablation-distil-24.json" ;;
         ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \

@@ -51,4 +51,6 @@ VARIANTS = [
     # less of the calibration domain in the update: labels from the model (C4, now on the default's ADMM last-shot
     # mask) together with the damped A of C3 (better out of domain at 3d91d89)
     v("C15 2:4 sampled Fisher, damping of A 0.1", "2:4", {"fisher": "sampled", "damp_a": 0.1}),
+    # the two that were each better on the CPU's held-out windows (C4, C5), together
+    v("C16 2:4 sampled Fisher, damping of G 1.0", "2:4", {"fisher": "sampled", "damp_g": 1.0}),
 ]
