@@ -333,12 +333,13 @@ def test_opt_accepts_every_attention_kind(calib):
 
 
 def test_structured_default_fisher_draws_labels_from_the_model(calib, monkeypatch):
-    """Structured runs estimate the Fisher with sampled labels unless told otherwise; the others keep the
-    text's labels. Checked where the curvature is estimated, not on the config alone."""
+    """Structured and N:M runs estimate the Fisher with sampled labels unless told otherwise; unstructured
+    runs keep the text's labels. Checked where the curvature is estimated, not on the config alone."""
     from surgeon.methods import surgeon as surgeon_method
 
     assert SurgeonConfig(structure="unstructured").fisher_labels == "empirical"
-    assert SurgeonConfig(structure="2:4").fisher_labels == "empirical"
+    assert SurgeonConfig(structure="2:4").fisher_labels == "sampled"
+    assert SurgeonConfig(structure="2:4", fisher="empirical").fisher_labels == "empirical"
     assert SurgeonConfig(structure="structured", sparsity=0.2, fisher="empirical").fisher_labels == "empirical"
     with pytest.raises(ValueError, match="fisher"):
         SurgeonConfig(fisher="true")
@@ -354,7 +355,8 @@ def test_structured_default_fisher_draws_labels_from_the_model(calib, monkeypatc
                   device="cpu", progress=False)
     surgeon.prune(gqa(), SurgeonConfig(sparsity=0.2, structure="unstructured", shots=1), calib, device="cpu",
                   progress=False)
-    assert seen == ["sampled", "sampled", "empirical"]
+    surgeon.prune(gqa(), SurgeonConfig(structure="2:4", shots=1), calib, device="cpu", progress=False)
+    assert seen == ["sampled", "sampled", "empirical", "sampled"]
 
 
 def test_structured_default_damping_of_a_is_the_measured_one(calib):

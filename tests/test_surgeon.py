@@ -220,7 +220,7 @@ def test_row_allocation_removes_each_row_s_cheapest_candidates(calib):
     from surgeon.linalg import damped_inverse
     from surgeon.obs import unstructured as uobs
 
-    cfg = SurgeonConfig(structure="2:4", shots=2, nm_allocation="row", update=False)
+    cfg = SurgeonConfig(structure="2:4", shots=2, nm_allocation="row", update=False, fisher="empirical")
     ref = make_llama(seed=3)
     linears = adapter_for(ref).linears()
     factors = estimate_kfac(ref, linears, list(calib.split(4)),

@@ -41,7 +41,7 @@ class SurgeonConfig(MethodConfig):
     shots: int = option(8, "number of shots; curvature is re-estimated before each")
     schedule: str = option("linear", "how the target moves over the shots: linear, cubic or exponential")
     fisher: str | None = option(None, "'empirical' (true next-token labels) or 'sampled' (labels from the model); "
-                                      "default: sampled structured, empirical otherwise")
+                                      "default: sampled structured and N:M, empirical unstructured")
     curvature: str = option("kfac", "'kfac' (G and A) or 'activations' (A only, G = I)")
     update: bool = option(True, "apply the correlated OBS update to the remaining weights")
     damp_g: float | None = option(None, "relative damping of G (default: 0.01 structured, 0.1 otherwise)")
@@ -176,10 +176,11 @@ class SurgeonConfig(MethodConfig):
     def fisher_labels(self) -> str:
         """Structured costs and updates fitted to the calibration text's own next tokens follow that text:
         labels drawn from the model (the true Fisher) gave lower perplexity on the calibration windows and
-        on both test texts (benchmarks/results/ablation-damping.md, row D3)."""
+        on both test texts (benchmarks/results/ablation-damping.md, row D3). N:M likewise: lower perplexity on
+        the calibration windows at 2:4 (benchmarks/results/ablation-24c.md, row C4)."""
         if self.fisher is not None:
             return self.fisher
-        return "sampled" if self.structure_kind == "structured" else "empirical"
+        return "empirical" if self.structure_kind == "unstructured" else "sampled"
 
     @property
     def a_damping(self) -> float:
