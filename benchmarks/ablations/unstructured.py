@@ -18,10 +18,11 @@ VARIANTS = [
       "unstructured", {"lowrank_rank": 16, "lowrank_target": "dense", "lowrank_masked": True, "lowrank_holdout": 0.1}),
     v("C1 2:4 before: chunked OBS (solver=obs)", "2:4", {"solver": "obs"}),
     v("C2 2:4 CG towards the dense weights (reference=dense)", "2:4", {"reference": "dense"}),
-    # what made structured runs better out of domain: a damped A and labels drawn from the model
+    # what made structured runs better out of domain: a damped A and labels drawn from the model (C4 is the
+    # N:M default since 58be4a7; C5 names the empirical Fisher it ran with, the default of then)
     v("C3 2:4 damping of A 0.1", "2:4", {"damp_a": 0.1}),
     v("C4 2:4 sampled Fisher", "2:4", {"fisher": "sampled"}),
-    v("C5 2:4 damping of G 1.0 (better on held-out windows on the CPU)", "2:4", {"damp_g": 1.0}),
+    v("C5 2:4 damping of G 1.0 (better on held-out windows on the CPU)", "2:4", {"damp_g": 1.0, "fisher": "empirical"}),
     v("B4 unstructured sampled Fisher", "unstructured", {"fisher": "sampled"}),
     # the mask the shots chose, refilled by layer-wise least squares toward the dense outputs (the 2:4 default)
     v("C6 2:4 before: the shots' own weights, no refit (refit=none)", "2:4", {"refit": "none", "nm_final_mask": "kfac"}),
