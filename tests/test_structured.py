@@ -332,7 +332,7 @@ def test_opt_accepts_every_attention_kind(calib):
     assert torch.isfinite(model(calib[:2]).logits).all()
 
 
-def test_structured_default_fisher_draws_labels_from_the_model(calib, monkeypatch):
+def test_default_fisher_draws_labels_from_the_model_but_unstructured(calib, monkeypatch):
     """Structured and N:M runs estimate the Fisher with sampled labels unless told otherwise; unstructured
     runs keep the text's labels. Checked where the curvature is estimated, not on the config alone."""
     from surgeon.methods import surgeon as surgeon_method

@@ -224,7 +224,7 @@ def test_row_allocation_removes_each_row_s_cheapest_candidates(calib):
     ref = make_llama(seed=3)
     linears = adapter_for(ref).linears()
     factors = estimate_kfac(ref, linears, list(calib.split(4)),
-                            fisher="empirical", seed=cfg.seed)
+                            fisher=cfg.fisher_labels, seed=cfg.seed)
     equalize_norms(factors)
     want = {}
     for name, lin in linears.items():
