@@ -138,6 +138,8 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], args: argparse.Namespac
             "achieved": round(left / params0 if structured else 1 - left / params0, 5),
             "wall_s": round(t0 - t_start - eval_s[0], 2), "config": v.get("config", {}),
         }
+        if v.get("repeat"):
+            r["repeat"] = v["repeat"]
         if shot is not None:
             r["shot"] = shot
         if structured and args.allocations:
@@ -234,10 +236,35 @@ def markdown(out: dict[str, Any]) -> str:
         if "error" in r:
             lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | |")
             continue
-        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "") + (f" [run {r['repeat']}]" if r.get("repeat") else "")
         lines.append(f"| {r['set']} | {label} | {r['structure']} | {r['target']} | {r['achieved']} | "
                      f"{r['calib_ppl']:.3f} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
+    lines += repeat_summary(out["rows"], out["deterministic"])
     return "\n".join(lines) + "\n"
+
+
+def repeat_summary(rows: list[dict[str, Any]], deterministic: bool) -> list[str]:
+    """Mean and range of each repeated configuration: what one run of it can be expected to give."""
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("repeat") and "error" not in r:
+            groups.setdefault((r["label"], r["structure"], r["target"]), []).append(r)
+    groups = {k: g for k, g in groups.items() if len(g) > 1}
+    if not groups:
+        return []
+    how = "deterministic" if deterministic else "not deterministic"
+    lines = ["", f"Repeats (the same configuration run again; {how}): mean, and min–max in brackets.", "",
+             "| variant | structure | target | runs | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def stat(g: list[dict[str, Any]], key: str, digits: int = 3) -> str:
+        xs = [float(r[key]) for r in g]
+        return f"{sum(xs) / len(xs):.{digits}f} [{min(xs):.{digits}f}–{max(xs):.{digits}f}]"
+
+    for (label, structure, target), g in groups.items():
+        lines.append(f"| {label} | {structure} | {target} | {len(g)} | {stat(g, 'calib_ppl')} | {stat(g, 'ppl')} | "
+                     f"{stat(g, 'ood_ppl')} | {stat(g, 'wall_s', 1)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allocations", default="", metavar="DIR",
                    help="write each structured row's per-linear shapes here (inputs of bench_serving.py --report)")
     p.add_argument("--jobs", type=int, default=1, help="variants run at once (processes sharing the device)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every selected variant this many times (rounds of all variants, so a run cut short "
+                        "still has each); the table adds each one's mean and range")
     p.add_argument("--deterministic", action="store_true", help="bit-reproducible runs (math attention, fixed reductions)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -283,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
                 cfg["shots"] = min(cfg["shots"], 2)
             v["config"] = cfg
             v["checkpoints"] = {2: 1 - v["sparsity"]} if v.get("checkpoints") else None
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repeat > 1:
+        variants = [{**v, "repeat": k} for k in range(1, args.repeat + 1) for v in variants]
     default = "smollm2" if sets == ["main"] else "ablation-" + "-".join(sets)
     out_path = Path(args.out or HERE / "results" / f"{default}{'-quick' if args.quick else ''}.json")
 
@@ -316,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{args.eval_seqlen}" + (f", first {args.eval_windows} windows" if args.eval_windows else "")
                                  + f"; calib_ppl: first {args.calib_eval_windows} calibration windows",
                          "selection": "settings are chosen on calib_ppl; ppl and ood_ppl only report"},
-            "deterministic": args.deterministic, "concurrent_jobs": args.jobs,
+            "deterministic": args.deterministic, "concurrent_jobs": args.jobs, "repeat": args.repeat,
         }
 
         def collect() -> None:

@@ -31,6 +31,9 @@
 #                        ADMM's last-shot mask is the default)
 #   ablate-distil-24     row C10 alone: the 2:4 default with low-rank fits distilled from the dense model
 #                        (ablation-distil-24.json)
+#   repeat-24            the 2:4 rows of LLM Surgeon and ADMM at their defaults, three rounds (repeat-24.json):
+#                        how far one run of each moves between repeats
+#   repeat-24c           rows C15 and C16 of benchmarks/ablations/unstructured.py, two rounds (repeat-24c.json)
 #   ablate-uniform       row A8 of benchmarks/ablations/structured.py: one shape for every layer (ablation-uniform.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
@@ -79,6 +82,9 @@ for step in "${steps[@]}"; do
         ablate-admm-shots)   $bench --set unstructured --only "C12 ,C13 ,C14 " --out "$RESULTS/ablation-admm-shots.json" ;;
         ablate-24c)          $bench --set unstructured --only "C5 ,C4 ,C16 ,C15 " --out "$RESULTS/ablation-24c.json" ;;
         ablate-distil-24)    $bench --set unstructured --only "C10 " --out "$RESULTS/ablation-distil-24.json" ;;
+        repeat-24)           $bench --set main --structures 2:4 --only "llm-surgeon 2:4,admm" --repeat 3 \
+                                 --out "$RESULTS/repeat-24.json" ;;
+        repeat-24c)          $bench --set unstructured --only "C16 ,C15 " --repeat 2 --out "$RESULTS/repeat-24c.json" ;;
         ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;
