@@ -34,6 +34,8 @@
 #   repeat-24            the 2:4 rows of LLM Surgeon and ADMM at their defaults, three rounds (repeat-24.json):
 #                        how far one run of each moves between repeats
 #   repeat-24c           rows C15 and C16 of benchmarks/ablations/unstructured.py, two rounds (repeat-24c.json)
+#   repeat-u             the unstructured 50% row of LLM Surgeon at its defaults, two rounds (repeat-u.json)
+#   ablate-24d           row C17 of benchmarks/ablations/unstructured.py: A damped 0.03 (ablation-24d.json)
 #   ablate-uniform       row A8 of benchmarks/ablations/structured.py: one shape for every layer (ablation-uniform.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
@@ -85,6 +87,9 @@ for step in "${steps[@]}"; do
         repeat-24)           $bench --set main --structures 2:4 --only "llm-surgeon 2:4,admm" --repeat 3 \
                                  --out "$RESULTS/repeat-24.json" ;;
         repeat-24c)          $bench --set unstructured --only "C16 ,C15 " --repeat 2 --out "$RESULTS/repeat-24c.json" ;;
+        repeat-u)            $bench --set main --structures unstructured --only "llm-surgeon unstructured" --repeat 2 \
+                                 --out "$RESULTS/repeat-u.json" ;;
+        ablate-24d)          $bench --set unstructured --only "C17 " --out "$RESULTS/ablation-24d.json" ;;
         ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;
