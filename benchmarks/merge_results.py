@@ -1,6 +1,7 @@
 """Merge the rows of later runs into a results JSON: ``python benchmarks/merge_results.py BASE NEW [NEW ...]``.
 
-A row of a NEW file replaces the BASE row with the same label, structure and target, or is added. Every
+A row of a NEW file replaces the BASE row with the same label, structure, target and repeat number
+(``--repeat`` runs), or is added. Every
 row keeps the ``versions``, ``command``, ``date`` and ``concurrent_jobs`` of the run that made it, so that
 ``freshness.py`` judges each row by its own code. BASE is rewritten in place (JSON and markdown).
 """
@@ -21,7 +22,7 @@ RUN_KEYS = ("versions", "command", "date", "concurrent_jobs", "deterministic")
 
 
 def key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return r.get("label"), r.get("structure"), r.get("target")
+    return r.get("label"), r.get("structure"), r.get("target"), r.get("repeat")
 
 
 def stamped(d: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,3 +42,13 @@ def test_rows_own_versions_win_and_file_is_rewritten(tmp_path):
     out = json.loads(base.read_text())
     assert out["rows"][0]["versions"]["surgeon_git"] == "ccc"
     assert "dense" in base.with_suffix(".md").read_text()
+
+
+def test_repeated_rows_of_one_configuration_stay_apart():
+    base = _run("aaa", [_row("admm", "2:4", 0.5, 58.0)])
+    reps = [{**_row("llm-surgeon 2:4", "2:4", 0.5, ppl), "repeat": k} for k, ppl in ((1, 51.0), (2, 50.0))]
+    out = merge_results.merge(base, _run("bbb", reps))
+    assert sorted((r["label"], r.get("repeat"), r["ppl"]) for r in out["rows"]) == [
+        ("admm", None, 58.0), ("llm-surgeon 2:4", 1, 51.0), ("llm-surgeon 2:4", 2, 50.0)]
+    again = merge_results.merge(out, _run("ccc", [{**_row("llm-surgeon 2:4", "2:4", 0.5, 49.0), "repeat": 2}]))
+    assert {r.get("repeat"): r["ppl"] for r in again["rows"] if r["label"] != "admm"} == {1: 51.0, 2: 49.0}
