@@ -243,12 +243,17 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def configuration(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two rows runs of one configuration (``merge_results.py`` adds the repeat number)."""
+    return r.get("label"), r.get("structure"), r.get("target")
+
+
 def repeat_summary(rows: list[dict[str, Any]], deterministic: bool) -> list[str]:
     """Mean and range of each repeated configuration: what one run of it can be expected to give."""
-    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("repeat") and "error" not in r:
-            groups.setdefault((r["label"], r["structure"], r["target"]), []).append(r)
+            groups.setdefault(configuration(r), []).append(r)
     groups = {k: g for k, g in groups.items() if len(g) > 1}
     if not groups:
         return []

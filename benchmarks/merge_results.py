@@ -16,13 +16,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_smollm2 import markdown  # noqa: E402
+from bench_smollm2 import configuration, markdown  # noqa: E402
 
 RUN_KEYS = ("versions", "command", "date", "concurrent_jobs", "deterministic")
 
 
 def key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return r.get("label"), r.get("structure"), r.get("target"), r.get("repeat")
+    return (*configuration(r), r.get("repeat"))
 
 
 def stamped(d: dict[str, Any]) -> list[dict[str, Any]]:
