@@ -76,3 +76,26 @@ def test_a_run_damps_the_way_it_is_told(calib):
                       device="cpu", progress=False)
         weights[mode] = [p.detach().clone() for p in model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(weights["mean"], weights["diagonal"]))
+
+
+def test_damp_mode_a_damps_A_alone(calib, monkeypatch):
+    """``damp_mode_a`` changes how A is damped and leaves G to ``damp_mode``: the modes every inverse and
+    damped factor of a run was built with, by factor."""
+    import surgeon.methods.surgeon as ms
+
+    seen: dict[str, set[str]] = {"G": set(), "A": set()}
+    real_inverse = ms.damped_inverse
+
+    def spy_inverse(M, rel, *, name="", mode="mean", **kw):
+        seen[name.split()[-1]].add(mode)
+        return real_inverse(M, rel, name=name, mode=mode, **kw)
+
+    monkeypatch.setattr(ms, "damped_inverse", spy_inverse)
+    model = make_llama()
+    surgeon.prune(model, SurgeonConfig(structure="2:4", shots=1, damp_mode_a="diagonal", cg_iterations=5), calib,
+                  device="cpu", progress=False)
+    assert seen == {"G": {"mean"}, "A": {"diagonal"}}
+    assert SurgeonConfig(damp_mode="diagonal").a_damp_mode == "diagonal"
+    assert SurgeonConfig(damp_mode="diagonal", damp_mode_a="mean").a_damp_mode == "mean"
+    with pytest.raises(ValueError, match="damp_mode_a"):
+        SurgeonConfig(damp_mode_a="trace")

@@ -49,6 +49,9 @@ class SurgeonConfig(MethodConfig):
     damp_mode: str = option("mean", "how damping scales: 'mean' adds damp·mean(diag)·I, 'diagonal' adds "
                                     "damp·diag (each input and output damped relative to its own scale)",
                             choices=("mean", "diagonal"))
+    damp_mode_a: str | None = option(None, "how A's damping scales, when it differs from G's (default: damp_mode); "
+                                           "'diagonal' with damp_a 0.1 damps A as ADMM damps its Gram matrix",
+                                     choices=(None, "mean", "diagonal"))
     correlation: str = option("full", "unstructured/N:M update: 'full', 'row' or 'none'")
     max_correlate: int = option(2000, "most weights solved jointly in one 'full' update chunk")
     equalize: bool = option(True, "rescale G and A to equal Frobenius norm (G ⊗ A unchanged)")
@@ -132,7 +135,8 @@ class SurgeonConfig(MethodConfig):
                   "accumulate": ("float32", "float64"), "nm_allocation": ("layer", "row", "global"),
                   "align_when": ("end", "shot"), "structured_update": ("all", "output"),
                   "structured_cost": ("sum", "output"), "structured_rank": ("cost", "per_param"),
-                  "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform"), "damp_mode": ("mean", "diagonal")}
+                  "attention": ("kv_group", "query", "both"), "allocation": ("global", "uniform"), "damp_mode": ("mean", "diagonal"),
+                  "damp_mode_a": (None, "mean", "diagonal")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -181,6 +185,10 @@ class SurgeonConfig(MethodConfig):
         if self.fisher is not None:
             return self.fisher
         return "empirical" if self.structure_kind == "unstructured" else "sampled"
+
+    @property
+    def a_damp_mode(self) -> str:
+        return self.damp_mode if self.damp_mode_a is None else self.damp_mode_a
 
     @property
     def a_damping(self) -> float:
@@ -264,7 +272,7 @@ class _Inverses:
         A = self.factors[name].A
         if self._last is None or self._last[0] != id(A) or self._last[1].device != device:
             self._last = (id(A), damped_inverse(A.to(device), self.cfg.a_damping, name=f"{name} A",
-                                                       mode=self.cfg.damp_mode))
+                                                       mode=self.cfg.a_damp_mode))
         return self._last[1]
 
 
@@ -337,7 +345,7 @@ def _update_weights(cfg: SurgeonConfig, name: str, W: torch.Tensor, remove: torc
     ref = None if dense is None else dense.to(dev, torch.float32)
     if cfg.update and cfg.solver == "cg" and cfg.correlation == "full":
         sol = mobs.masked_optimum(W, keep & ~remove, damped(factors.G.to(dev), cfg.g_damping, cfg.damp_mode),
-                                  damped(factors.A.to(dev), cfg.a_damping, cfg.damp_mode), inv.G(name, dev), inv.A(name, dev),
+                                  damped(factors.A.to(dev), cfg.a_damping, cfg.a_damp_mode), inv.G(name, dev), inv.A(name, dev),
                                   reference=ref, iterations=cfg.cg_iterations, tol=cfg.cg_tol)
         return sol.weight, sol.loss, sol
     whole = cfg.update and (cfg.constrain_removed or ref is not None)  # every zero of the mask is solved for
