@@ -36,6 +36,9 @@
 #   repeat-24c           rows C15 and C16 of benchmarks/ablations/unstructured.py, two rounds (repeat-24c.json)
 #   repeat-u             the unstructured 50% row of LLM Surgeon at its defaults, two rounds (repeat-u.json)
 #   ablate-24d           row C17 of benchmarks/ablations/unstructured.py: A damped 0.03 (ablation-24d.json)
+#   ablate-24e           rows C18-C20: A damped relative to its own diagonal, as ADMM damps it, by 0.1, 0.03
+#                        and 0.3 (ablation-24e.json); repeat-24e runs them again (repeat-24e.json)
+#   ablate-u-diag        row B6: the same damping, 0.1, for unstructured 50% (ablation-u-diag.json)
 #   ablate-uniform       row A8 of benchmarks/ablations/structured.py: one shape for every layer (ablation-uniform.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
@@ -90,6 +93,9 @@ for step in "${steps[@]}"; do
         repeat-u)            $bench --set main --structures unstructured --only "llm-surgeon unstructured" --repeat 2 \
                                  --out "$RESULTS/repeat-u.json" ;;
         ablate-24d)          $bench --set unstructured --only "C17 " --out "$RESULTS/ablation-24d.json" ;;
+        ablate-24e)          $bench --set unstructured --only "C18 ,C19 ,C20 " --out "$RESULTS/ablation-24e.json" ;;
+        repeat-24e)          $bench --set unstructured --only "C18 ,C19 ,C20 " --out "$RESULTS/repeat-24e.json" ;;
+        ablate-u-diag)       $bench --set unstructured --only "B6 " --out "$RESULTS/ablation-u-diag.json" ;;
         ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;

@@ -57,4 +57,14 @@ VARIANTS = [
     # between the default's damping of A (0.01: best calibration perplexity) and C15's 0.1 (best out of domain in
     # three runs, repeat-24c.md): where the trade between the two texts lies
     v("C17 2:4 sampled Fisher, damping of A 0.03", "2:4", {"fisher": "sampled", "damp_a": 0.03}),
+    # A damped as ADMM damps its Gram matrix (0.1 of each input's own variance, not of the mean one): the mean
+    # form is set by a few outlier channels, so it damps every other input far more than ADMM does
+    v("C18 2:4 sampled Fisher, A damped 0.1 of its own diagonal (damp_mode_a=diagonal)", "2:4",
+      {"fisher": "sampled", "damp_a": 0.1, "damp_mode_a": "diagonal"}),
+    # the same form a third and three times as strong, and for unstructured 50% (empirical Fisher, its default)
+    v("C19 2:4 sampled Fisher, A damped 0.03 of its own diagonal", "2:4",
+      {"fisher": "sampled", "damp_a": 0.03, "damp_mode_a": "diagonal"}),
+    v("C20 2:4 sampled Fisher, A damped 0.3 of its own diagonal", "2:4",
+      {"fisher": "sampled", "damp_a": 0.3, "damp_mode_a": "diagonal"}),
+    v("B6 unstructured, A damped 0.1 of its own diagonal", "unstructured", {"damp_a": 0.1, "damp_mode_a": "diagonal"}),
 ]
