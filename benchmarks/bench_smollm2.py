@@ -9,8 +9,10 @@ Variants are declared in ``benchmarks/suites/<set>.py`` (the results tables) and
 structure, sparsity, config (fields of the method's config dataclass), and optional checkpoints
 {shot: size remaining} (one structured schedule read at several sizes). Every row reports perplexity on
 the WikiText-2 test split (``ppl``), on the shipped out-of-domain text (``ood_ppl``) and on the first
-calibration windows (``calib_ppl``). Settings are chosen on ``calib_ppl`` (the data the method was given);
-the two test texts only report.
+calibration windows (``calib_ppl``) and on windows of the calibration text that no calibration window
+touches (``held_ppl``, :func:`surgeon.data.held_out_windows`). Settings are chosen on ``calib_ppl`` (the
+data the method was given) or, for those that regularise a fit (dampings), on ``held_ppl``: the windows a
+fit saw always prefer less regularisation. The two test texts only report.
 
 Several variants run at once on one GPU (``--jobs``): a 135M-parameter model leaves most of an H200
 idle, so concurrent processes finish the table several times sooner. Their wall times are measured under
@@ -68,7 +70,9 @@ def command_line() -> str:
 def evaluate_all(model: Any, texts: dict[str, Any], seqlen: int, batch: int) -> dict[str, float]:
     from surgeon import evaluate
 
-    return {key: round(evaluate.perplexity(model, ids, seqlen=seqlen, batch_size=batch), 3) for key, ids in texts.items()}
+    # a 2-D text is a stack of windows of its own length (the held-out windows), a 1-D one a stream
+    return {key: round(evaluate.perplexity(model, ids, seqlen=ids.shape[1] if ids.dim() == 2 else seqlen,
+                                           batch_size=batch), 3) for key, ids in texts.items()}
 
 
 def tokens_per_s(model: Any, device: Any, seqlen: int, batch: int = 8, reps: int = 5) -> float:
@@ -202,12 +206,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> str:
     model, tok = load_gguf()
     model_dir = tmp / "dense"
     save_pruned(model, model_dir, tokenizer=tok)
-    calib = data.calibration_windows(tok, n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
+    stream = data.tokenize_text(tok, data.calibration_text("wikitext2"))
+    calib = data.random_windows(stream, args.nsamples, args.seqlen, seed=0)  # = data.calibration_windows(tok, ...)
+    held = data.held_out_windows(stream, args.nsamples, args.seqlen, seed=0, length=args.held_seqlen)
+    held = held[: args.held_windows or len(held)]
     texts = {name: data.eval_ids(tok, name) for name in ("wikitext2", "pydoc")}
     if args.eval_windows:
         texts = {k: t[: args.eval_windows * args.eval_seqlen] for k, t in texts.items()}
     texts = {"ppl": texts["wikitext2"], "ood_ppl": texts["pydoc"],
-             "calib_ppl": calib[: args.calib_eval_windows].reshape(-1)}
+             "calib_ppl": calib[: args.calib_eval_windows].reshape(-1), "held_ppl": held}
     from surgeon.adapters import adapter_for
 
     adapter = adapter_for(model)
@@ -230,17 +237,23 @@ def markdown(out: dict[str, Any]) -> str:
              f"surgeon {out['versions']['surgeon_git']}; {out['protocol']['calibration']}; eval {out['protocol']['eval']}; "
              f"deterministic: {out['deterministic']}; " + ("one run at a time (wall times its own)." if out["concurrent_jobs"] == 1
                                                         else f"{out['concurrent_jobs']} variants at a time (wall times shared)."),
-             "", "| set | variant | structure | target | achieved | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| set | variant | structure | target | achieved | calib ppl | held-out ppl | WikiText-2 ppl | "
+                 "out-of-domain ppl | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         if "error" in r:
-            lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['set']} | {r['label']} | {r['structure']} | | | error: {r['error'][:80]} | | | | |")
             continue
         label = r["label"] + (f" ({r['note']})" if r.get("note") else "") + (f" [run {r['repeat']}]" if r.get("repeat") else "")
         lines.append(f"| {r['set']} | {label} | {r['structure']} | {r['target']} | {r['achieved']} | "
-                     f"{r['calib_ppl']:.3f} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
+                     f"{r['calib_ppl']:.3f} | {_num(r, 'held_ppl')} | {r['ppl']:.3f} | {r['ood_ppl']:.3f} | {r['wall_s']:.1f} |")
     lines += repeat_summary(out["rows"], out["deterministic"])
     return "\n".join(lines) + "\n"
+
+
+def _num(r: dict[str, Any], key: str) -> str:
+    """A perplexity cell; blank where the row predates the measure."""
+    return f"{r[key]:.3f}" if r.get(key) is not None else ""
 
 
 def configuration(r: dict[str, Any]) -> tuple[Any, ...]:
@@ -259,15 +272,18 @@ def repeat_summary(rows: list[dict[str, Any]], deterministic: bool) -> list[str]
         return []
     how = "deterministic" if deterministic else "not deterministic"
     lines = ["", f"Repeats (the same configuration run again; {how}): mean, and min–max in brackets.", "",
-             "| variant | structure | target | runs | calib ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | structure | target | runs | calib ppl | held-out ppl | WikiText-2 ppl | out-of-domain ppl | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def stat(g: list[dict[str, Any]], key: str, digits: int = 3) -> str:
+        if any(r.get(key) is None for r in g):
+            return ""
         xs = [float(r[key]) for r in g]
         return f"{sum(xs) / len(xs):.{digits}f} [{min(xs):.{digits}f}–{max(xs):.{digits}f}]"
 
     for (label, structure, target), g in groups.items():
-        lines.append(f"| {label} | {structure} | {target} | {len(g)} | {stat(g, 'calib_ppl')} | {stat(g, 'ppl')} | "
+        lines.append(f"| {label} | {structure} | {target} | {len(g)} | {stat(g, 'calib_ppl')} | {stat(g, 'held_ppl')} | "
+                     f"{stat(g, 'ppl')} | "
                      f"{stat(g, 'ood_ppl')} | {stat(g, 'wall_s', 1)} |")
     return lines
 
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=0, help="evaluate on the first N windows of each text (0 = all)")
     p.add_argument("--calib-eval-windows", type=int, default=16, help="calibration windows whose perplexity is reported")
+    p.add_argument("--held-seqlen", type=int, default=512,
+                   help="length of the held-out windows (the calibration text outside every calibration window)")
+    p.add_argument("--held-windows", type=int, default=0, help="evaluate on the first N held-out windows (0 = all)")
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="tiny calibration and evaluation (CPU smoke run)")
     p.add_argument("--out", default=None, help="output JSON (default: benchmarks/results/ablation-<sets>.json)")
@@ -300,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.nsamples, args.seqlen, args.batch_size = 4, 128, 2
         args.eval_seqlen, args.eval_windows, args.calib_eval_windows = 128, 2, 2
+        args.held_seqlen, args.held_windows = 128, 2
     sets = [s for s in args.set.split(",") if s]
     variants = load_variants(sets)
     if args.only:
@@ -353,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
             "protocol": {"calibration": f"wikitext2-valid (tokenised) {args.nsamples}x{args.seqlen} seed 0",
                          "eval": f"wikitext2-test raw (ppl) and pydoc out-of-domain text (ood_ppl), seqlen "
                                  f"{args.eval_seqlen}" + (f", first {args.eval_windows} windows" if args.eval_windows else "")
-                                 + f"; calib_ppl: first {args.calib_eval_windows} calibration windows",
-                         "selection": "settings are chosen on calib_ppl; ppl and ood_ppl only report"},
+                                 + f"; calib_ppl: first {args.calib_eval_windows} calibration windows"
+                                 + f"; held_ppl: {'the first ' + str(args.held_windows) if args.held_windows else 'all'} "
+                                   f"windows of {args.held_seqlen} tokens of wikitext2-valid outside the calibration windows",
+                         "selection": "settings are chosen on calib_ppl, dampings on held_ppl; ppl and ood_ppl only report"},
             "deterministic": args.deterministic, "concurrent_jobs": args.jobs, "repeat": args.repeat,
         }
 

@@ -39,6 +39,9 @@
 #   ablate-24e           rows C18-C20: A damped relative to its own diagonal, as ADMM damps it, by 0.1, 0.03
 #                        and 0.3 (ablation-24e.json); repeat-24e runs them again (repeat-24e.json)
 #   ablate-u-diag        row B6: the same damping, 0.1, for unstructured 50% (ablation-u-diag.json)
+#   select-24            the 2:4 default beside rows C18 and C19, with the held-out windows the damping is chosen
+#                        on (select-24.json)
+#   select-u             the unstructured 50% default beside row B6, the same (select-u.json)
 #   ablate-uniform       row A8 of benchmarks/ablations/structured.py: one shape for every layer (ablation-uniform.json)
 #   serving-compiled     decode with the step compiled by torch.compile, dense vs 80% (serving-compiled.json)
 # `serving` and `serving-compiled` read the allocations in $ALLOC (default: $RESULTS, where `structured`
@@ -96,6 +99,10 @@ for step in "${steps[@]}"; do
         ablate-24e)          $bench --set unstructured --only "C18 ,C19 ,C20 " --out "$RESULTS/ablation-24e.json" ;;
         repeat-24e)          $bench --set unstructured --only "C18 ,C19 ,C20 " --out "$RESULTS/repeat-24e.json" ;;
         ablate-u-diag)       $bench --set unstructured --only "B6 " --out "$RESULTS/ablation-u-diag.json" ;;
+        select-24)           $bench --set main,unstructured --structures 2:4 --only "llm-surgeon 2:4,C18 ,C19 " \
+                                 --out "$RESULTS/select-24.json" ;;
+        select-u)            $bench --set main,unstructured --structures unstructured --only "llm-surgeon unstructured,B6 " \
+                                 --out "$RESULTS/select-u.json" ;;
         ablate-uniform)      $bench --set structured --only "A8 " --out "$RESULTS/ablation-uniform.json" ;;
         serving-compiled)    python benchmarks/bench_serving.py --compile --report "$ALLOC/allocation-llm-surgeon-80.json" \
                                  --uniform 0.8 --align 64 --no-sweep --reps 3 --out "$RESULTS/serving-compiled.json" ;;

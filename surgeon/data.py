@@ -27,12 +27,14 @@ __all__ = [
     "eval_ids",
     "eval_text",
     "find_wikitext2",
+    "held_out_windows",
     "hub_text",
     "is_named_source",
     "load_token_ids",
     "random_windows",
     "tokenize_text",
     "wikitext2_test_ids",
+    "window_starts",
 ]
 
 WIKITEXT2_ENV = "SURGEON_WIKITEXT2"
@@ -91,9 +93,40 @@ def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0
         raise ValueError(f"need n_samples >= 1 and seqlen >= 2, got {n_samples} and {seqlen}")
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return torch.stack([ids[s : s + seqlen] for s in window_starts(ids.numel(), n_samples, seqlen, seed).tolist()])
+
+
+def window_starts(n_tokens: int, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Where :func:`random_windows` cuts its windows from a stream of ``n_tokens``: seeded offsets."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seqlen, (n_samples,), generator=g)
+
+
+def held_out_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0, *, length: int = 512) -> torch.Tensor:
+    """Windows [k, length] of the stream ``ids`` that no calibration window of :func:`random_windows` (same
+    ``n_samples``, ``seqlen``, ``seed``) touches: a held-out slice of the calibration text.
+
+    Settings that regularise a fit (a damping, say) cannot be chosen on the windows the fit saw, which
+    always prefer less of it; these are text of the same kind the method never read. Each stretch the
+    calibration leaves uncovered gives as many whole windows as fit in it, in order.
+    """
+    ids = ids.reshape(-1)
+    if length < 2:
+        raise ValueError(f"need length >= 2, got {length}")
+    covered = torch.zeros(ids.numel() + 1, dtype=torch.bool)
+    covered[-1] = True  # a sentinel: the last stretch ends at the stream's end
+    for s in window_starts(ids.numel(), n_samples, seqlen, seed).tolist():
+        covered[s : s + seqlen] = True
+    out, start = [], None
+    for i, c in enumerate(covered.tolist()):
+        if not c and start is None:
+            start = i
+        elif c and start is not None:
+            out += [ids[b : b + length] for b in range(start, i - length + 1, length)]
+            start = None
+    if not out:
+        raise ValueError(f"the calibration windows leave no stretch of {length} tokens of the text uncovered")
+    return torch.stack(out)
 
 
 def hub_text(path: str, name: str | None = None, split: str = "train", *, text_column: str = "text") -> str:

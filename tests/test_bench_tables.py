@@ -14,7 +14,7 @@ import bench_smollm2  # noqa: E402
 
 def _row(label, ppl, ood, repeat=None, target=0.5):
     r = {"label": label, "set": "main", "structure": "2:4", "target": target, "achieved": target,
-         "calib_ppl": ppl - 20, "ppl": ppl, "ood_ppl": ood, "wall_s": 100.0 + ppl}
+         "calib_ppl": ppl - 20, "held_ppl": ppl - 10, "ppl": ppl, "ood_ppl": ood, "wall_s": 100.0 + ppl}
     return r if repeat is None else {**r, "repeat": repeat}
 
 
@@ -29,10 +29,11 @@ def test_summary_is_the_mean_and_range_of_each_repeated_configuration():
     body = {_cells(l)[0]: _cells(l) for l in lines if l.startswith("| ") and not l.startswith("| variant")}
     assert set(body) == {"a", "b"}  # a configuration run once has no summary
     assert body["a"][3] == "3"
-    assert body["a"][5] == "51.000 [50.000–52.000]"
-    assert body["a"][6] == "56.000 [54.000–58.000]"
+    assert body["a"][6] == "51.000 [50.000–52.000]"
+    assert body["a"][7] == "56.000 [54.000–58.000]"
     assert body["a"][4] == "31.000 [30.000–32.000]"
-    assert body["b"][5] == "58.000 [58.000–58.000]"
+    assert body["a"][5] == "41.000 [40.000–42.000]"
+    assert body["b"][6] == "58.000 [58.000–58.000]"
     assert "not deterministic" in "\n".join(lines)
 
 
@@ -41,7 +42,7 @@ def test_targets_and_errors_are_kept_out_of_each_others_summary():
             {"label": "a", "set": "main", "structure": "2:4", "target": 0.5, "repeat": 3, "error": "OOM"}]
     lines = bench_smollm2.repeat_summary(rows, deterministic=True)
     body = [_cells(l) for l in lines if l.startswith("| a ")]
-    assert len(body) == 1 and body[0][3] == "2" and body[0][5] == "51.000 [50.000–52.000]"
+    assert len(body) == 1 and body[0][3] == "2" and body[0][6] == "51.000 [50.000–52.000]"
     assert "(the same configuration run again; deterministic)" in "\n".join(lines)
 
 
@@ -53,6 +54,18 @@ def test_no_repeats_no_summary_and_each_run_is_labelled():
     md = bench_smollm2.markdown(out)
     assert "| main | a [run 1] |" in md and "| main | a [run 2] |" in md
     assert "| a | 2:4 | 0.5 | 2 |" in md
+
+
+def test_rows_before_the_held_out_measure_leave_its_cell_blank():
+    old = {k: x for k, x in _row("a", 50.0, 54.0, 1).items() if k != "held_ppl"}
+    rows = [old, {**old, "repeat": 2}]
+    out = {"benchmark": "t", "command": "c", "device": "d", "versions": {"torch": "x", "transformers": "y",
+           "surgeon_git": "z"}, "protocol": {"calibration": "c", "eval": "e"}, "deterministic": False,
+           "concurrent_jobs": 1, "rows": rows}
+    md = bench_smollm2.markdown(out)
+    assert "| main | a [run 1] | 2:4 | 0.5 | 0.5 | 30.000 |  | 50.000 | 54.000 |" in md
+    summary = [_cells(l) for l in bench_smollm2.repeat_summary(rows, deterministic=False) if l.startswith("| a ")]
+    assert summary[0][5] == "" and summary[0][6] == "50.000 [50.000–50.000]"
 
 
 @pytest.mark.parametrize("n", [0, -1])

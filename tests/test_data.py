@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import char_tokenizer, make_llama
 
 from surgeon import corpora, data
@@ -208,3 +211,35 @@ def test_hub_split_offline_is_a_clear_error(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ERROR cannot load dataset 'wikitext' ('wikitext-2-raw-v1'), split 'train'")
     assert "offline mode is on" in out.stdout and "'wikitext2'" in out.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(20, 400), k=st.integers(1, 6), seqlen=st.integers(2, 40), length=st.integers(2, 30),
+       seed=st.integers(0, 1000))
+def test_held_out_windows_are_the_uncovered_text(n, k, seqlen, length, seed):
+    """Against a numpy reference: every whole window of ``length`` that fits in a stretch no calibration
+    window touches, in order, and nothing else."""
+    ids = torch.arange(n) * 7 + 3  # every token names its position
+    if n <= seqlen:
+        return
+    calib = data.random_windows(ids, k, seqlen, seed)
+    covered = np.zeros(n, dtype=bool)
+    for w in calib.numpy():
+        covered[(w - 3) // 7] = True
+    want, i = [], 0
+    while i < n:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not covered[j]:
+            j += 1
+        want += [ids[b : b + length].numpy() for b in range(i, j - length + 1, length)]
+        i = j
+    if not want:
+        with pytest.raises(ValueError, match="uncovered"):
+            data.held_out_windows(ids, k, seqlen, seed, length=length)
+        return
+    got = data.held_out_windows(ids, k, seqlen, seed, length=length).numpy()
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert not covered[(got.reshape(-1) - 3) // 7].any()
