@@ -35,7 +35,7 @@
 #                        how far one run of each moves between repeats
 #   repeat-24c           rows C15 and C16 of benchmarks/ablations/unstructured.py, two rounds (repeat-24c.json)
 #   repeat-u             the unstructured 50% row of LLM Surgeon at its defaults, two rounds (repeat-u.json)
-#   ablate-24d           row C17 of benchmarks/ablations/unstructured.py: A damped 0.03 (ablation-24d.json)
+#   ablate-24d           row C17 of benchmarks/ablations/unstructured.py: A damped 0.03 of its mean diagonal (ablation-24d.json)
 #   ablate-24e           rows C18-C20: A damped relative to its own diagonal, as ADMM damps it, by 0.1, 0.03
 #                        and 0.3 (ablation-24e.json); repeat-24e runs them again (repeat-24e.json)
 #   ablate-u-diag        row B6: the same damping, 0.1, for unstructured 50% (ablation-u-diag.json)

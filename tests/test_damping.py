@@ -99,3 +99,17 @@ def test_damp_mode_a_damps_A_alone(calib, monkeypatch):
     assert SurgeonConfig(damp_mode="diagonal", damp_mode_a="mean").a_damp_mode == "mean"
     with pytest.raises(ValueError, match="damp_mode_a"):
         SurgeonConfig(damp_mode_a="trace")
+
+
+def test_nm_default_damps_A_diagonally_and_is_that_value(calib):
+    """The N:M default is A damped 0.03 of its own diagonal: the same model as asking for it, another one than
+    the mean form it replaced."""
+    weights = {}
+    for label, kw in (("default", {}), ("asked", {"damp_a": 0.03, "damp_mode_a": "diagonal"}),
+                      ("before", {"damp_a": 0.01, "damp_mode_a": "mean"})):
+        model = make_llama()
+        surgeon.prune(model, SurgeonConfig(structure="2:4", shots=1, cg_iterations=5, **kw), calib, device="cpu",
+                      progress=False)
+        weights[label] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["default"], weights["asked"]))
+    assert any(not torch.equal(a, b) for a, b in zip(weights["default"], weights["before"]))

@@ -360,11 +360,17 @@ def test_default_fisher_draws_labels_from_the_model_but_unstructured(calib, monk
 
 
 def test_structured_default_damping_of_a_is_the_measured_one(calib):
-    """Structured runs damp A by 0.1 unless told otherwise (unstructured/N:M keep 0.01); the default is that
+    """Structured runs damp A by 0.1 unless told otherwise (unstructured 0.01, N:M 0.03 of each input's own
+    variance); the default is that
     value, not another path: the same run with damp_a=0.1 gives the same model, with 0.01 another one."""
     assert SurgeonConfig(structure="structured", sparsity=0.2).a_damping == 0.1
     assert SurgeonConfig(structure="unstructured").a_damping == 0.01
-    assert SurgeonConfig(structure="2:4").a_damping == 0.01
+    assert (SurgeonConfig(structure="2:4").a_damping, SurgeonConfig(structure="2:4").a_damp_mode) == (0.03, "diagonal")
+    assert SurgeonConfig(structure="unstructured").a_damp_mode == "mean"
+    from surgeon.methods.surgeon import KOBDConfig, LOBDConfig
+
+    for baseline in (KOBDConfig, LOBDConfig):  # the papers' baselines keep the form they were measured with
+        assert (baseline(structure="2:4").a_damping, baseline(structure="2:4").a_damp_mode) == (0.01, "mean")
     assert SurgeonConfig(structure="structured", sparsity=0.2, damp_a=0.3).a_damping == 0.3
     with pytest.raises(ValueError, match="damping"):
         SurgeonConfig(damp_a=-1.0)

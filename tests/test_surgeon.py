@@ -230,7 +230,7 @@ def test_row_allocation_removes_each_row_s_cheapest_candidates(calib):
     for name, lin in linears.items():
         W = lin.weight.detach().float()
         c = uobs.weight_costs(W, damped_inverse(factors[name].G, cfg.g_damping).diagonal(),
-                              damped_inverse(factors[name].A, cfg.a_damping).diagonal())
+                              damped_inverse(factors[name].A, cfg.a_damping, mode=cfg.a_damp_mode).diagonal())
         keep = torch.ones_like(W, dtype=torch.bool)
         c = uobs.nm_candidates(uobs.masked_costs(c, keep), keep, 2, 4).numpy()
         k = W.shape[1] // 4
