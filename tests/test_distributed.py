@@ -108,6 +108,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({n: (f.A.float(), f.G.float()) for n, f in exact.items()}, Path(out) / f"exact{rank}.pt")
         for structure in STRUCTURES:
             torch.save(_prune(structure), Path(out) / f"{structure}{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
