@@ -283,8 +283,7 @@ def repeat_summary(rows: list[dict[str, Any]], deterministic: bool) -> list[str]
 
     for (label, structure, target), g in groups.items():
         lines.append(f"| {label} | {structure} | {target} | {len(g)} | {stat(g, 'calib_ppl')} | {stat(g, 'held_ppl')} | "
-                     f"{stat(g, 'ppl')} | "
-                     f"{stat(g, 'ood_ppl')} | {stat(g, 'wall_s', 1)} |")
+                     f"{stat(g, 'ppl')} | {stat(g, 'ood_ppl')} | {stat(g, 'wall_s', 1)} |")
     return lines
 
 

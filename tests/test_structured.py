@@ -361,8 +361,8 @@ def test_default_fisher_draws_labels_from_the_model_but_unstructured(calib, monk
 
 def test_structured_default_damping_of_a_is_the_measured_one(calib):
     """Structured runs damp A by 0.1 unless told otherwise (unstructured 0.01, N:M 0.03 of each input's own
-    variance); the default is that
-    value, not another path: the same run with damp_a=0.1 gives the same model, with 0.01 another one."""
+    variance); the default is that value, not another path: the same run with damp_a=0.1 gives the same
+    model, with 0.01 another one."""
     assert SurgeonConfig(structure="structured", sparsity=0.2).a_damping == 0.1
     assert SurgeonConfig(structure="unstructured").a_damping == 0.01
     assert (SurgeonConfig(structure="2:4").a_damping, SurgeonConfig(structure="2:4").a_damp_mode) == (0.03, "diagonal")
